@@ -1,0 +1,149 @@
+"""`sdport tiny | export | generate`: the command line.
+
+Imports are lazy: `generate` must run where only the runtime is installed (no torch).
+Every SdportError becomes one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sdport import __version__
+from sdport.errors import SdportError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _say(args: argparse.Namespace):
+    """The progress printer: stderr, or nothing with --quiet."""
+    if args.quiet:
+        return None
+    return lambda message: print(message, file=sys.stderr, flush=True)
+
+
+def _needs_export_extra() -> None:
+    try:
+        import diffusers  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise SdportError(
+            f"this command needs the export extra ({exc.name} is not installed): "
+            "pip install 'sdport[export]'"
+        ) from exc
+
+
+def cmd_tiny(args: argparse.Namespace) -> int:
+    _needs_export_extra()
+    from sdport.export.tiny import write_tiny_model
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise SdportError(f"{out} already exists; choose another OUT or pass --force to replace it")
+    write_tiny_model(out, seed=args.seed)
+    if args.single_file:
+        from sdport.export.ldm_layout import write_single_file
+        from sdport.export.tiny import build_tiny_pipeline
+
+        write_single_file(build_tiny_pipeline(args.seed), Path(args.single_file))
+    say = _say(args)
+    if say:
+        say(f"wrote a tiny random SD 1.x pipeline (diffusers format) to {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    _needs_export_extra()
+    from sdport.export.folder import export_model
+
+    export_model(
+        args.source,
+        args.out,
+        fp16=args.fp16,
+        opset=args.opset,
+        optimization="none" if args.no_optimize else ("portable" if args.portable else "ort"),
+        force=args.force,
+        allow_pickle=args.allow_pickle,
+        config=args.config,
+        prediction_type=args.prediction_type,
+        report=_say(args),
+    )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sdport.runtime.generate import run_generate
+
+    return run_generate(args, say=_say(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdport", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"sdport {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+        return sub
+
+    tiny = command("tiny", "write a tiny random SD 1.x pipeline (diffusers format) for tests and demos")
+    tiny.add_argument("out", help="folder to create")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--single-file", metavar="PATH",
+                      help="also write it as one .safetensors in the original (LDM) key layout")
+    tiny.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    tiny.set_defaults(run=cmd_tiny)
+
+    export = command("export", "export a checkpoint to an ONNX model folder")
+    export.add_argument("source", help="diffusers folder, .safetensors checkpoint, or hub id")
+    export.add_argument("out", help="model folder to create")
+    export.add_argument("--fp16", action="store_true", help="fp16 text encoder and UNet (GPU providers)")
+    export.add_argument("--opset", type=int, default=17)
+    export.add_argument("--no-optimize", action="store_true", help="keep the traced graphs as they are")
+    export.add_argument("--portable", action="store_true",
+                        help="standard ONNX operators only (onnxsim), no onnxruntime fusions")
+    export.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    export.add_argument("--allow-pickle", action="store_true",
+                        help="accept pickled .ckpt/.bin checkpoints (they can run code: trusted sources only)")
+    export.add_argument("--config", help="diffusers folder with the component configs of a single-file checkpoint")
+    export.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"])
+    export.set_defaults(run=cmd_export)
+
+    generate = command("generate", "generate images from an exported model folder (no PyTorch needed)")
+    generate.add_argument("model", help="exported model folder")
+    generate.add_argument("prompt")
+    generate.add_argument("--negative", default="", help="negative prompt")
+    generate.add_argument("--steps", type=int, default=25)
+    generate.add_argument("--guidance", type=float, default=7.5)
+    generate.add_argument("--scheduler", default=None, help="default: the folder's scheduler")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    generate.add_argument("--height", type=int, default=None)
+    generate.add_argument("--num-images", type=int, default=1)
+    generate.add_argument("--image", help="input image for image-to-image")
+    generate.add_argument("--strength", type=float, default=0.8)
+    generate.add_argument("--provider", default="auto", help="auto, cpu, cuda or dml")
+    generate.add_argument("--low-memory", action="store_true", help="load one component at a time")
+    generate.add_argument("-o", "--out", default="sdport.png", help="output PNG (numbered for several)")
+    generate.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    generate.set_defaults(run=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except SdportError as exc:
+        print(f"sdport: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sdport: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""The one exception family the CLI turns into a one-line message and a non-zero exit."""
+
+
+class SdportError(Exception):
+    """A user-facing error: the message says what went wrong, where, and how to fix it."""
+
+
+class UsageError(SdportError, ValueError):
+    """A request that cannot be served as given (bad size, unknown scheduler, ...)."""

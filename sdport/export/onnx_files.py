@@ -1,0 +1,59 @@
+"""Saving ONNX graphs the way the runtime expects: one file, or one external-data file over 2 GB."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import onnx
+
+# protobuf's hard limit is 2 GiB; stay under it with headroom for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+EXTERNAL_DATA_SUFFIX = "_data"  # model.onnx -> model.onnx_data, as optimum names it
+
+
+def weights_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.HasField("raw_data"):
+            total += len(tensor.raw_data)
+        else:
+            total += sum(int(e.value) for e in tensor.external_data if e.key == "length")
+    return total
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> str | None:
+    """Saves `model` at `path`; returns the external-data file name when the weights need one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data_name = path.name + EXTERNAL_DATA_SUFFIX
+    (path.parent / data_name).unlink(missing_ok=True)  # onnx appends to an existing data file
+    if weights_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, str(path))
+        return None
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+        location=data_name, size_threshold=1024,
+    )
+    return data_name
+
+
+def load_model(path: Path) -> onnx.ModelProto:
+    return onnx.load_model(str(path), load_external_data=True)
+
+
+def resave(path: Path) -> str | None:
+    """Rewrites a graph in place in our layout (e.g. one data file instead of one per tensor)."""
+    model = onnx.load_model(str(path), load_external_data=False)
+    stale = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    for name in stale:
+        (path.parent / name).unlink(missing_ok=True)
+    return save_model(model, path)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

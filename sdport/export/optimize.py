@@ -1,0 +1,77 @@
+"""Graph optimizations after tracing: portable simplification, onnxruntime fusions, fp16."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnx
+
+from sdport.export.onnx_files import EXTERNAL_DATA_THRESHOLD, load_model, save_model, weights_bytes
+
+# onnxruntime.transformers' model types for each of our graphs.
+ORT_MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+
+
+def simplify(src: Path, dst: Path) -> str | None:
+    """onnxsim: constant folding and dead-code removal; standard operators only (any runtime)."""
+    import onnxsim
+
+    # A path (not a proto) lets onnxsim handle graphs over protobuf's 2 GB limit.
+    model, ok = onnxsim.simplify(str(src))
+    if not ok:
+        raise RuntimeError(f"onnxsim could not verify the simplified {src}")
+    return save_model(model, dst)
+
+
+def _cpu_safe_options(component: str):
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    options = FusionOptions(ORT_MODEL_TYPES[component])
+    # These fusions make NhwcConv, GroupNorm, BiasSplitGelu and packed-QKV attention, which
+    # have CUDA kernels only; the folder must run on every provider, CPU first.
+    options.enable_nhwc_conv = False
+    options.enable_group_norm = False
+    options.enable_skip_group_norm = False
+    options.enable_bias_splitgelu = False
+    options.enable_packed_qkv = False
+    options.enable_packed_kv = False
+    options.enable_bias_add = False
+    # MultiHeadAttention runs flash attention on CPU instead of building full score matrices.
+    options.use_multi_head_attention = True
+    return options
+
+
+def fuse_for_onnxruntime(src: Path, dst: Path, component: str) -> str | None:
+    """onnxruntime's transformer fusions (Attention, MultiHeadAttention, LayerNorm, ...).
+
+    Runs on the raw trace: after onnxsim the QuickGelu fusion crashes (FIELD_NOTES).
+    """
+    from onnxruntime.transformers import optimizer
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    fused = optimizer.optimize_model(
+        str(src),
+        model_type=ORT_MODEL_TYPES[component],
+        num_heads=0,
+        hidden_size=0,
+        optimization_options=_cpu_safe_options(component),
+        opt_level=0,
+    )
+    return save_model(fused.model, dst)
+
+
+def to_fp16(src: Path, dst: Path) -> str | None:
+    """fp16 weights and compute with fp32 inputs/outputs, for GPU providers."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(load_model(src))
+    big = weights_bytes(model.model) >= EXTERNAL_DATA_THRESHOLD
+    # Symbolic shape inference needs the whole proto in memory; skip it on >2 GB graphs.
+    model.convert_float_to_float16(use_symbolic_shape_infer=not big, keep_io_types=True)
+    return save_model(model.model, dst)
+
+
+def opset_of(path: Path) -> int:
+    model = onnx.load_model(str(path), load_external_data=False)
+    return max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx"))
