@@ -67,6 +67,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         force=args.force,
         allow_pickle=args.allow_pickle,
         config=args.config,
+        family=args.family,
         prediction_type=args.prediction_type,
         report=_say(args),
     )
@@ -109,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--allow-pickle", action="store_true",
                         help="accept pickled .ckpt/.bin checkpoints (they can run code: trusted sources only)")
     export.add_argument("--config", help="diffusers folder with the component configs of a single-file checkpoint")
-    export.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"])
+    export.add_argument("--family", choices=["sd1", "sd2"], help="for a single-file checkpoint: override detection")
+    export.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"],
+                        help="override the scheduler's (SD 2.x -base models are epsilon)")
     export.set_defaults(run=cmd_export)
 
     generate = command("generate", "generate images from an exported model folder (no PyTorch needed)")

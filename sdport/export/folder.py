@@ -6,6 +6,7 @@ or failed export never leaves a half-written model folder behind.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -20,7 +21,7 @@ from sdport.errors import SdportError
 from sdport.export import optimize
 from sdport.export.components import ComponentGraph, component_graphs, trace_to_onnx
 from sdport.export.onnx_files import resave, sha256
-from sdport.export.validate import check_parity, reference_cases
+from sdport.export.validate import ReferenceCase, check_parity, reference_cases
 from sdport.models.manifest import COMPONENTS, GraphSpec, Manifest, write_manifest
 
 Optimization = Literal["ort", "portable", "none"]
@@ -58,47 +59,61 @@ def _temporary_sibling(out: Path) -> Path:
     return tmp
 
 
-def _export_graph(
-    graph: ComponentGraph, folder: Path, work: Path, *, opset: int, optimization: Optimization,
-    fp16: bool, sizes: list[tuple[int, int]], report: Reporter,
-) -> GraphSpec:
-    """Trace, then each optimization stage, checking parity against PyTorch after every stage."""
-    cases = reference_cases(graph, sizes)
-    parity: dict[str, dict] = {}
+class _Stages:
+    """Runs export stages for one graph, checking each against the PyTorch reference outputs."""
 
-    def stage(label: str, make: Callable[[Path], object], path: Path, tolerance: float) -> Path:
+    def __init__(self, name: str, cases: list[ReferenceCase], report: Reporter):
+        self.name, self.cases, self.report = name, cases, report
+        self.parity: dict[str, dict] = {}
+
+    def run(self, label: str, make: Callable[[Path], object], path: Path, tolerance: float) -> Path:
         start = time.perf_counter()
         make(path)
-        parity[label] = check_parity(graph, path, cases, tolerance=tolerance, stage=label)
-        report(
-            f"  {graph.name}: {label:<8} {time.perf_counter() - start:6.1f} s, "
-            f"max error {parity[label]['max_rel_error']:.1e} of range"
+        self.parity[label] = check_parity(self.name, path, self.cases, tolerance=tolerance, stage=label)
+        self.report(
+            f"  {self.name}: {label:<10} {time.perf_counter() - start:6.1f} s, "
+            f"max error {self.parity[label]['max_rel_error']:.1e} of range"
         )
         return path
 
-    trace_size = (sizes[-1][0], sizes[-1][1])
+
+def _trace(graph: ComponentGraph, work: Path, *, opset: int, sizes: list[tuple[int, int]],
+           report: Reporter) -> tuple[Path, _Stages]:
+    """The only stage that needs PyTorch: reference outputs, then the trace itself."""
+    stages = _Stages(graph.name, reference_cases(graph, sizes), report)
 
     def trace(path: Path) -> None:
-        trace_to_onnx(graph, path, opset=opset, trace_size=trace_size)
+        trace_to_onnx(graph, path, opset=opset, trace_size=sizes[-1])
         resave(path)  # one external-data file instead of one per tensor
 
-    current = stage("traced", trace, work / "traced" / "model.onnx", FP32_TOLERANCE)
-    if optimization == "portable":
-        current = stage("simplified", lambda p: optimize.simplify(current, p),
-                        work / "simplified" / "model.onnx", FP32_TOLERANCE)
-    elif optimization == "ort":
-        current = stage("fused", lambda p: optimize.fuse_for_onnxruntime(current, p, graph.name),
-                        work / "fused" / "model.onnx", FP32_TOLERANCE)
-    precision = "fp32"
-    if fp16 and graph.name in FP16_COMPONENTS:
-        current = stage("fp16", lambda p: optimize.to_fp16(current, p), work / "fp16" / "model.onnx",
-                        FP16_TOLERANCE)
-        precision = "fp16"
+    return stages.run("traced", trace, work / "traced" / "model.onnx", FP32_TOLERANCE), stages
 
+
+def _optimize(traced: Path, stages: _Stages, work: Path, *, optimization: Optimization,
+              fp16: bool) -> tuple[Path, str]:
+    """Optimization stages on the traced graph; returns the final graph and its precision."""
+    name, current = stages.name, traced
+    if optimization == "portable":
+        current = stages.run("simplified", lambda p: optimize.simplify(current, p),
+                             work / "simplified" / "model.onnx", FP32_TOLERANCE)
+    elif optimization == "ort":
+        current = stages.run("fused", lambda p: optimize.fuse_for_onnxruntime(current, p, name),
+                             work / "fused" / "model.onnx", FP32_TOLERANCE)
+    if fp16 and name in FP16_COMPONENTS:
+        current = stages.run("fp16", lambda p: optimize.to_fp16(current, p),
+                             work / "fp16" / "model.onnx", FP16_TOLERANCE)
+        return current, "fp16"
+    return current, "fp32"
+
+
+def _place(graph: ComponentGraph, final: Path, folder: Path, *, precision: str,
+           optimization: Optimization, parity: dict) -> GraphSpec:
+    """Moves the final graph (and its data file) into the folder and describes it."""
+    optimize.stamp_io(final, graph.inputs, graph.outputs)
     target = folder / graph.name
     target.mkdir(parents=True, exist_ok=True)
     files = {}
-    for item in current.parent.iterdir():
+    for item in sorted(final.parent.iterdir()):
         shutil.move(str(item), target / item.name)
         files[f"{graph.name}/{item.name}"] = sha256(target / item.name)
     external = [f for f in files if not f.endswith(".onnx")]
@@ -116,6 +131,9 @@ def _export_graph(
 
 
 def _write_configs(pipeline, folder: Path) -> None:
+    """diffusers'/transformers' configs, tokenizer and model_index.json, as optimum lays them out."""
+    for name in COMPONENTS:
+        (folder / name).mkdir(parents=True, exist_ok=True)
     pipeline.text_encoder.config.to_json_file(str(folder / "text_encoder" / "config.json"))
     pipeline.unet.save_config(folder / "unet")
     for name in ("vae_decoder", "vae_encoder"):
@@ -152,6 +170,7 @@ def export_model(
     force: bool = False,
     allow_pickle: bool = False,
     config: str | os.PathLike | None = None,
+    family: str | None = None,
     prediction_type: str | None = None,
     report: Reporter | None = _print_stderr,
 ) -> Path:
@@ -166,6 +185,7 @@ def export_model(
             standard operators only) or "none".
         allow_pickle: accept pickled `.ckpt`/`.bin` checkpoints (they can run code when loaded).
         config: a diffusers-format folder whose component configs match a single-file checkpoint.
+        family: "sd1" or "sd2" for a single-file checkpoint, overriding detection from its weights.
         prediction_type: overrides the scheduler's (e.g. "v_prediction" for SD 2.x 768-v).
         report: receives one line per stage; None for quiet.
     Returns:
@@ -173,6 +193,7 @@ def export_model(
     """
     from sdport.export.loaders import load_pipeline
 
+    quiet = report is None
     report = report or (lambda _message: None)
     out = Path(out)
     if out.exists() and not force:
@@ -185,8 +206,8 @@ def export_model(
     started = time.perf_counter()
     report(f"loading {source}")
     loaded = load_pipeline(
-        source, allow_pickle=allow_pickle, config=config, prediction_type=prediction_type,
-        progress=report is not None,
+        source, allow_pickle=allow_pickle, config=config, family=family, prediction_type=prediction_type,
+        progress=not quiet,
     )
     pipeline = loaded.pipeline
     unet_config, vae_config = pipeline.unet.config, pipeline.vae.config
@@ -196,16 +217,6 @@ def export_model(
 
     tmp = _temporary_sibling(out)
     try:
-        graphs: dict[str, GraphSpec] = {}
-        for index, (name, graph) in enumerate(component_graphs(pipeline).items(), start=1):
-            report(f"[{index}/{len(COMPONENTS)}] {name}")
-            graphs[name] = _export_graph(
-                graph, tmp, tmp / ".work" / name, opset=opset, optimization=optimization,
-                fp16=fp16, sizes=sizes, report=report,
-            )
-            shutil.rmtree(tmp / ".work" / name, ignore_errors=True)
-            gc.collect()
-        shutil.rmtree(tmp / ".work", ignore_errors=True)
         _write_configs(pipeline, tmp)
         manifest = Manifest(
             family=loaded.family,
@@ -216,11 +227,29 @@ def export_model(
             latent_multiple=latent_multiple,
             text_embed_dim=int(pipeline.text_encoder.config.hidden_size),
             max_tokens=int(pipeline.text_encoder.config.max_position_embeddings),
-            graphs=graphs,
+            graphs={},
             sample_size=int(unet_config.sample_size),
             tools=_tool_versions(),
             source=str(loaded.source),
         )
+        graphs = component_graphs(pipeline)
+        del pipeline, loaded
+        for index, name in enumerate(COMPONENTS, start=1):
+            report(f"[{index}/{len(COMPONENTS)}] {name}")
+            work = tmp / ".work" / name
+            graph = graphs.pop(name)
+            traced, stages = _trace(graph, work, opset=opset, sizes=sizes, report=report)
+            # Free this component's PyTorch weights before the optimizer (13.7 GB peak on an
+            # SD 1.5 UNet) loads the graph: the VAE is shared by its two graphs.
+            module = graph.module
+            graph = dataclasses.replace(graph, module=None, make_inputs=None)
+            del module
+            gc.collect()
+            final, precision = _optimize(traced, stages, work, optimization=optimization, fp16=fp16)
+            manifest.graphs[name] = _place(graph, final, tmp, precision=precision,
+                                           optimization=optimization, parity=stages.parity)
+            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(tmp / ".work", ignore_errors=True)
         write_manifest(tmp, manifest)
         _replace(tmp, out)
     except BaseException:

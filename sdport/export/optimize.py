@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from pathlib import Path
 
 import onnx
@@ -50,14 +52,16 @@ def fuse_for_onnxruntime(src: Path, dst: Path, component: str) -> str | None:
     from onnxruntime.transformers import optimizer
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    fused = optimizer.optimize_model(
-        str(src),
-        model_type=ORT_MODEL_TYPES[component],
-        num_heads=0,
-        hidden_size=0,
-        optimization_options=_cpu_safe_options(component),
-        opt_level=0,
-    )
+    # Its own progress bar would interleave with ours; the stage line reports the time.
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+        fused = optimizer.optimize_model(
+            str(src),
+            model_type=ORT_MODEL_TYPES[component],
+            num_heads=0,
+            hidden_size=0,
+            optimization_options=_cpu_safe_options(component),
+            opt_level=0,
+        )
     return save_model(fused.model, dst)
 
 
@@ -75,3 +79,21 @@ def to_fp16(src: Path, dst: Path) -> str | None:
 def opset_of(path: Path) -> int:
     model = onnx.load_model(str(path), load_external_data=False)
     return max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx"))
+
+
+def stamp_io(path: Path, inputs, outputs) -> None:
+    """Rewrites the graph's declared I/O dims to the manifest's (fusions rename symbolic dims)."""
+    model = onnx.load_model(str(path), load_external_data=False)
+    for values, specs in ((model.graph.input, inputs), (model.graph.output, outputs)):
+        by_name = {spec.name: spec for spec in specs}
+        for value in values:
+            spec = by_name[value.name]
+            shape = value.type.tensor_type.shape
+            shape.ClearField("dim")
+            for dim in spec.shape:
+                entry = shape.dim.add()
+                if isinstance(dim, str):
+                    entry.dim_param = dim
+                else:
+                    entry.dim_value = dim
+    onnx.save_model(model, str(path))  # the external-data references stay as they are

@@ -47,7 +47,7 @@ def reference_cases(graph: ComponentGraph, sizes: list[tuple[int, int]], seed: i
 
 
 def check_parity(
-    graph: ComponentGraph, path: Path, cases: list[ReferenceCase], *, tolerance: float, stage: str
+    name: str, path: Path, cases: list[ReferenceCase], *, tolerance: float, stage: str
 ) -> dict:
     """Runs `path` in onnxruntime (CPU) on each case; errors are relative to the output's range.
 
@@ -59,12 +59,12 @@ def check_parity(
     results, worst = [], 0.0
     for case in cases:
         got = dict(zip([o.name for o in session.get_outputs()], session.run(None, case.inputs)))
-        for name, want in case.outputs.items():
-            error = float(np.max(np.abs(got[name].astype(np.float32) - want)))
+        for output, want in case.outputs.items():
+            error = float(np.max(np.abs(got[output].astype(np.float32) - want)))
             scale = float(np.max(np.abs(want))) or 1.0
             relative = error / scale
             results.append(
-                {"output": name, "batch": case.batch, "latent": list(case.latent),
+                {"output": output, "batch": case.batch, "latent": list(case.latent),
                  "max_abs_error": error, "max_rel_error": relative}
             )
             if relative > worst:
@@ -72,7 +72,7 @@ def check_parity(
     del session
     if worst > tolerance:
         raise ParityError(
-            f"{graph.name} ({stage}): max error {worst:.2e} of the output range exceeds the "
+            f"{name} ({stage}): max error {worst:.2e} of the output range exceeds the "
             f"{tolerance:.0e} tolerance (output {worst_case['output']!r}, batch "
             f"{worst_case['batch']}, latent {worst_case['latent']}); not writing this graph"
         )

@@ -53,7 +53,7 @@ class GraphSpec:
 class Manifest:
     """Everything the runtime needs to know about an exported model folder."""
 
-    family: str  # a key of sdport.models.families.FAMILIES, or "unknown"
+    family: str  # a key of sdport.models.families.FAMILIES, "custom", or "unknown" (optimum folder)
     prediction_type: str  # epsilon | v_prediction | sample
     vae_scaling_factor: float
     latent_channels: int

@@ -1,0 +1,204 @@
+"""Diffusion schedulers in pure NumPy, matching diffusers 0.42 to float32 rounding.
+
+    from sdport.runtime.schedulers import denoise, available
+    x0 = denoise("euler", scheduler_config, model, latents, steps=30, rng=np.random.default_rng(0))
+
+A name picks the algorithm; a diffusers `scheduler_config.json` dict (of any scheduler class)
+picks the numbers, exactly as `<Class>.from_config(config)` would. Randomness comes only from
+the `rng` passed in, through `rng.standard_normal(latents.shape, dtype=np.float32)`, once per
+place diffusers calls `randn_tensor`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from sdport.errors import UsageError
+from sdport.runtime.schedulers.ddim_ddpm import DDIM, DDPM
+from sdport.runtime.schedulers.dpm_solver import DPMPP_2M, DPMPP_2M_SDE
+from sdport.runtime.schedulers.k_samplers import EULER, EULER_ANCESTRAL, HEUN, LMS
+from sdport.runtime.schedulers.lcm import LCM
+from sdport.runtime.schedulers.pndm import PNDM
+from sdport.runtime.schedulers.sampler import NoiseSource, Sampler
+from sdport.runtime.schedulers.schedules import Schedule, karras_sigmas, read_config
+from sdport.runtime.schedulers.unipc import UNIPC
+
+__all__ = [
+    "Schedule",
+    "add_noise",
+    "available",
+    "denoise",
+    "karras_sigmas",
+    "name_for_config",
+    "schedule",
+]
+
+Model = Callable[[np.ndarray, float], np.ndarray]
+Callback = Callable[[int, int, np.ndarray], None]
+
+SAMPLERS: dict[str, Sampler] = {
+    "ddim": DDIM,
+    "ddpm": DDPM,
+    "pndm": PNDM,
+    "lms": LMS,
+    "euler": EULER,
+    "euler_ancestral": EULER_ANCESTRAL,
+    "heun": HEUN,
+    "dpmpp_2m": DPMPP_2M,
+    "dpmpp_2m_sde": DPMPP_2M_SDE,
+    "unipc": UNIPC,
+    "lcm": LCM,
+}
+
+
+def available() -> tuple[str, ...]:
+    """The scheduler names `denoise` accepts, e.g. "euler", "dpmpp_2m"."""
+    return tuple(SAMPLERS)
+
+
+def name_for_config(config: Mapping[str, Any]) -> str | None:
+    """The sdport name for a diffusers scheduler config's `_class_name`, or None if unsupported.
+
+    DPMSolverMultistepScheduler maps on its algorithm_type: "dpmsolver++" (the default) to
+    "dpmpp_2m", "sde-dpmsolver++" to "dpmpp_2m_sde"; the older "dpmsolver" types to None.
+    """
+    class_name = config.get("_class_name")
+    if class_name == "DPMSolverMultistepScheduler":
+        algorithm = config.get("algorithm_type", "dpmsolver++")
+        return {"dpmsolver++": "dpmpp_2m", "sde-dpmsolver++": "dpmpp_2m_sde"}.get(algorithm)
+    for name, sampler in SAMPLERS.items():
+        if sampler.class_name == class_name:
+            return name
+    return None
+
+
+def _sampler(name: str) -> Sampler:
+    if name not in SAMPLERS:
+        raise UsageError(f"unknown scheduler {name!r}; known schedulers: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def _setup(name: str, config: Mapping[str, Any], steps: int) -> tuple[Sampler, dict[str, Any], Schedule]:
+    sampler = _sampler(name)
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise UsageError(f"scheduler {name!r}: steps must be a positive integer, got {steps!r}")
+    cfg = read_config(name, config, sampler.defaults, sampler.allowed)
+    if steps > cfg["num_train_timesteps"]:
+        raise UsageError(
+            f"scheduler {name!r}: {steps} steps exceed num_train_timesteps={cfg['num_train_timesteps']}"
+        )
+    return sampler, cfg, sampler.schedule(cfg, int(steps))
+
+
+def schedule(name: str, config: Mapping[str, Any], steps: int) -> Schedule:
+    """The timesteps, sigmas and initial noise scale scheduler `name` uses for `steps` steps.
+
+    Args:
+        name: one of `available()`.
+        config: a diffusers scheduler config dict (unknown keys are ignored).
+        steps: number of inference steps N.
+
+    Returns:
+        A `Schedule` of plain NumPy arrays and floats: `timesteps` has one entry per model
+        evaluation (N, N + 1 for pndm, 2N - 1 for heun), `sigmas` is None for ddim, ddpm, pndm
+        and lcm. For hosts in other languages that run the steps themselves.
+    """
+    return _setup(name, config, steps)[2]
+
+
+def _check_start(name: str, steps: int, start_step: int) -> None:
+    if not 0 <= start_step <= steps:
+        raise UsageError(f"scheduler {name!r}: start_step must be in [0, {steps}], got {start_step}")
+
+
+def add_noise(
+    name: str,
+    config: Mapping[str, Any],
+    original: np.ndarray,
+    noise: np.ndarray,
+    steps: int,
+    start_step: int,
+) -> np.ndarray:
+    """Noise clean latents to where step `start_step` of an N-step run begins (image-to-image).
+
+    Mirrors diffusers' StableDiffusionImg2ImgPipeline: with t_start = start_step (there
+    `steps - int(steps * strength)`), `scheduler.set_begin_index(t_start * order)` then
+    `scheduler.add_noise(original, noise, timesteps[t_start * order : t_start * order + 1])`.
+
+    Args:
+        name: one of `available()`.
+        config: a diffusers scheduler config dict.
+        original: clean latents, any shape.
+        noise: standard normal noise of the same shape.
+        steps: number of inference steps N of the whole schedule.
+        start_step: the step the run starts at, 0 <= start_step <= N (N: returned unchanged).
+
+    Returns:
+        float32 noised latents, to pass to `denoise(..., start_step=start_step)`.
+    """
+    sampler, _, sch = _setup(name, config, steps)
+    _check_start(name, steps, start_step)
+    if start_step == steps:
+        return np.asarray(original, dtype=np.float32)
+    x0, z = np.asarray(original, dtype=np.float32), np.asarray(noise, dtype=np.float32)
+    return sampler.add_noise(sch, start_step * sch.order, x0, z).astype(np.float32)
+
+
+def denoise(
+    name: str,
+    config: Mapping[str, Any],
+    model: Model,
+    latents: np.ndarray,
+    steps: int,
+    *,
+    rng: NoiseSource | None = None,
+    start_step: int = 0,
+    callback: Callback | None = None,
+) -> np.ndarray:
+    """Run scheduler `name` for `steps` steps from noise (or from noised latents) to x0.
+
+    Args:
+        name: one of `available()`; unknown names raise `UsageError` listing the known ones.
+        config: a diffusers scheduler config dict, of this scheduler's class or another
+            (unknown keys are ignored, like `<Class>.from_config(config)`).
+        model: `model(x_in, t) -> eps` (or v, or x0, per the config's prediction_type), called
+            once per model evaluation with the scaled model input (float32, latents' shape) and
+            the timestep as a Python float, e.g. 981.0 (fractional for Euler with linspace).
+        latents: unit-variance noise, multiplied by the schedule's initial sigma here; when
+            `start_step > 0`, latents already noised by `add_noise` and used as they are.
+        steps: number of inference steps N.
+        rng: the only source of randomness, needed by ddpm, euler_ancestral, dpmpp_2m_sde and
+            lcm: `rng.standard_normal(latents.shape, dtype=np.float32)` is called once per
+            diffusers noise draw.
+        start_step: image-to-image start, the index into the N-step schedule (diffusers'
+            `t_start`); evaluations begin at `timesteps[start_step * order]`.
+        callback: `callback(i, total, x)` after each scheduler step, i from 0 to total - 1.
+
+    Returns:
+        float32 array of the latents' shape.
+    """
+    sampler, cfg, sch = _setup(name, config, steps)
+    _check_start(name, steps, start_step)
+    if sampler.stochastic and rng is None:
+        raise UsageError(f"scheduler {name!r} is stochastic: pass rng=np.random.default_rng(seed)")
+    x = np.asarray(latents, dtype=np.float32)
+    first = start_step * sch.order
+    if first == 0:
+        x = x * np.float32(sch.init_noise_sigma)
+    total = len(sch.timesteps) - first
+    state = sampler.state0
+    for k, i in enumerate(range(first, len(sch.timesteps))):
+        x_in = sampler.scale_input(sch, i, x)
+        out = np.asarray(model(x_in, float(sch.timesteps[i])), dtype=np.float32)
+        if out.shape != x.shape:
+            raise UsageError(
+                f"scheduler {name!r}: model returned shape {out.shape} for input {x.shape}; "
+                "it must return one prediction per latent element"
+            )
+        x, state = sampler.step(cfg, sch, i, out, x, state, rng)
+        if callback is not None:
+            callback(k, total, x)
+    return x.astype(np.float32, copy=False)
