@@ -1,0 +1,531 @@
+"""Stable Diffusion on onnxruntime + NumPy: `Pipeline.load(folder).generate(prompt=...)`.
+
+Follows diffusers' StableDiffusionPipeline and StableDiffusionImg2ImgPipeline step by step
+(text embeddings, classifier-free guidance in one batched UNet call, scheduler, VAE decode), so
+the same inputs give the same images; tests/test_pipeline.py checks it against diffusers.
+Never imports torch, transformers, diffusers or sdport.export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Protocol
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from sdport.errors import SdportError, UsageError
+from sdport.models.manifest import Manifest, ManifestError, TensorSpec, inside, read_json, read_manifest
+from sdport.runtime import images as imgs
+from sdport.runtime import schedulers
+from sdport.runtime.sessions import Graph, Port, ProviderName, check_graph_files, resolve_provider
+from sdport.runtime.tokenizer import ClipTokenizer
+
+Output = Literal["pil", "np"]
+Callback = Callable[[int, int, np.ndarray], None]  # (step, steps, latents [B, C, h, w])
+Say = Callable[[str], None]
+
+
+class NoiseSource(Protocol):
+    """What the pipeline draws noise from: `np.random.Generator` or anything with this method."""
+
+    def standard_normal(self, size: tuple[int, ...], dtype: Any = ...) -> np.ndarray: ...
+
+
+# --- graph contracts: what each component must take and give --------------------------------
+
+
+@dataclass(frozen=True)
+class _Want:
+    name: str
+    ranks: tuple[int, ...]
+    dims: dict[int, int]  # axis -> required size, checked where the graph fixes the axis
+    kind: str  # "f" float or "i" integer
+    what: str  # the dims in words, for messages
+
+
+def _contracts(m: Manifest) -> dict[str, tuple[tuple[_Want, ...], tuple[_Want, ...]]]:
+    """(inputs, outputs) each component must have, from the manifest's facts."""
+    c, d, t = m.latent_channels, m.text_embed_dim, m.max_tokens
+    latent = f"(B, {c}, H/{m.vae_scale}, W/{m.vae_scale})"
+    pixels = "(B, 3, H, W)"
+    return {
+        "text_encoder": (
+            (_Want("input_ids", (2,), {1: t}, "i", f"(B, {t})"),),
+            (_Want("last_hidden_state", (3,), {2: d}, "f", f"(B, {t}, {d})"),),
+        ),
+        "unet": (
+            (
+                _Want("sample", (4,), {1: c}, "f", latent),
+                _Want("timestep", (0, 1), {}, "fi", "a scalar or (1,)"),
+                _Want("encoder_hidden_states", (3,), {2: d}, "f", f"(B, {t}, {d})"),
+            ),
+            (_Want("out_sample", (4,), {1: c}, "f", latent),),
+        ),
+        "vae_decoder": (
+            (_Want("latent_sample", (4,), {1: c}, "f", latent),),
+            (_Want("sample", (4,), {1: 3}, "f", pixels),),
+        ),
+        "vae_encoder": (
+            (_Want("sample", (4,), {1: 3}, "f", pixels),),
+            (_Want("latent_parameters", (4,), {1: 2 * c}, "f", f"(B, {2 * c}, H/{m.vae_scale}, W/{m.vae_scale})"),),
+        ),
+    }
+
+
+def _check_ports(component: str, file: str, direction: str, have: tuple[Port, ...], wants: tuple[_Want, ...]) -> None:
+    by_name = {p.name: p for p in have}
+    for want in wants:
+        port = by_name.get(want.name)
+        if port is None:
+            raise ManifestError(
+                f"{component}: {file} has no {direction} {want.name!r} (it has "
+                f"{', '.join(repr(p.name) for p in have) or 'none'}); the runtime needs the I/O names of "
+                f"sdport's or optimum's export: re-export the model with `sdport export`"
+            )
+        where = f"{component}: {direction} {want.name!r} of {file}"
+        if port.dtype is None or np.dtype(port.dtype).kind not in want.kind:
+            raise ManifestError(f"{where} has an unsupported element type; re-export the model")
+        if len(port.shape) not in want.ranks:
+            raise ManifestError(f"{where} has shape {list(port.shape)}, the runtime wants {want.what}; re-export")
+        for axis, size in want.dims.items():
+            got = port.shape[axis]
+            if isinstance(got, int) and got != size:
+                raise ManifestError(
+                    f"{where} has {got} at axis {axis}, the manifest says {size} ({want.what}); the "
+                    f"graph and sdport.json disagree: re-export the model"
+                )
+
+
+def _spec_ports(specs: tuple[TensorSpec, ...]) -> tuple[Port, ...]:
+    return tuple(Port(s.name, np.dtype(s.dtype).type, tuple(s.shape)) for s in specs)
+
+
+# --- randomness ------------------------------------------------------------------------------
+
+
+class _PerImage:
+    """A NoiseSource that draws row i of every batch from image i's own generator.
+
+    Image i of a batch uses `np.random.default_rng(seed + i)` for all its noise (initial
+    latents, VAE sampling, ancestral steps), so it is the same image whether generated in a
+    batch or alone with seed + i.
+    """
+
+    def __init__(self, seed: int, count: int) -> None:
+        self.generators = [np.random.default_rng(seed + i) for i in range(count)]
+
+    def standard_normal(self, size: tuple[int, ...], dtype: Any = np.float64) -> np.ndarray:
+        if len(size) == 0 or size[0] != len(self.generators):
+            raise SdportError(f"internal: noise of shape {size} for a batch of {len(self.generators)}")
+        return np.stack([g.standard_normal(tuple(size[1:]), dtype=dtype) for g in self.generators])
+
+
+def _draw(rng: NoiseSource, shape: tuple[int, ...]) -> np.ndarray:
+    return np.asarray(rng.standard_normal(shape, dtype=np.float32), dtype=np.float32)
+
+
+def _given_noise(name: str, value: Any, shape: tuple[int, ...], broadcast: bool = False) -> np.ndarray:
+    """A caller's noise array, checked: shape (B, C, h, w) (or (1, ...) where `broadcast`), finite."""
+    array = np.asarray(value, dtype=np.float32)
+    ok = array.shape == shape or (broadcast and array.shape == (1, *shape[1:]))
+    if not ok:
+        raise UsageError(
+            f"{name} has shape {array.shape}, wants {shape} (num_images, latent channels, height/8, "
+            f"width/8 for this size)"
+        )
+    if not np.isfinite(array).all():
+        raise UsageError(f"{name} contains NaN or inf")
+    return np.ascontiguousarray(np.broadcast_to(array, shape))
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise UsageError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+KARRAS = "_karras"
+
+
+def scheduler_names() -> tuple[str, ...]:
+    """Scheduler names `generate` takes: sdport.runtime.schedulers' and `<name>_karras` variants."""
+    names = schedulers.available()
+    karras = [n + KARRAS for n in names if "use_karras_sigmas" in schedulers.SAMPLERS[n].defaults]
+    return (*names, *karras)
+
+
+def check_size(manifest: Manifest, width: Any, height: Any) -> None:
+    """Width and height must be positive multiples of the VAE's times the UNet's down-sampling."""
+    multiple = manifest.vae_scale * manifest.latent_multiple
+    for label, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < multiple:
+            raise UsageError(f"{label} must be an integer of at least {multiple} pixels, got {value!r}")
+        if value % multiple:
+            lower = value - value % multiple
+            raise UsageError(
+                f"{label} {value} is not a multiple of {multiple} (the VAE's {manifest.vae_scale}x times "
+                f"the UNet's {manifest.latent_multiple}x down-sampling); use {lower or multiple}"
+                + (f" or {lower + multiple}" if lower else "")
+            )
+
+
+class Pipeline:
+    """A loaded model folder: onnxruntime sessions, tokenizer and scheduler config.
+
+    Make one with `Pipeline.load(folder)`; `generate(...)` is safe to call repeatedly.
+    """
+
+    def __init__(self, folder: Path, manifest: Manifest, provider: str, low_memory: bool, say: Say | None) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.provider = provider
+        self.low_memory = low_memory
+        self._say = say
+        self.size_multiple = manifest.vae_scale * manifest.latent_multiple
+        self.tokenizer = ClipTokenizer.load(inside(folder, manifest.tokenizer_dir), manifest.max_tokens)
+        self.scheduler_config = self._read_scheduler_config()
+        self.default_scheduler = self._default_scheduler()
+        self.contracts = _contracts(manifest)
+        self._graphs: dict[str, Graph] = {}
+        missing = [n for n in ("text_encoder", "unet", "vae_decoder") if n not in manifest.graphs]
+        if missing:
+            raise ManifestError(
+                f"{folder}: no {', '.join(missing)} graph; the folder needs text_encoder, unet and "
+                f"vae_decoder (and vae_encoder for image-to-image): re-export the model"
+            )
+        for name in manifest.graphs:
+            if name not in self.contracts:
+                continue
+            path = check_graph_files(folder, manifest.graphs[name].file)
+            if low_memory:
+                # Sessions are made when needed; check what the manifest says now, the graph then.
+                spec = manifest.graphs[name]
+                if spec.inputs or spec.outputs:
+                    self._check(name, _spec_ports(spec.inputs), _spec_ports(spec.outputs))
+            else:
+                self._graphs[name] = self._open(name, path)
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | os.PathLike,
+        provider: ProviderName = "auto",
+        low_memory: bool = False,
+        *,
+        say: Say | None = None,
+    ) -> Pipeline:
+        """Loads an exported model folder (sdport's, with sdport.json, or optimum's layout).
+
+        Args:
+            model_dir: the folder `sdport export` wrote.
+            provider: "auto" (CUDA, then DirectML, then CPU), "cpu", "cuda" or "dml".
+            low_memory: hold one component's session at a time, created when needed and freed
+                after (slower per call, lower peak memory); otherwise all are created now. With
+                low_memory the graphs' inputs/outputs are checked at load against sdport.json's
+                record of them, and again against each session when it is created (an optimum
+                folder has no record, so only then).
+            say: receives one-line notes (which provider was picked, image conversions).
+        Raises:
+            UsageError for an unknown or missing provider; ManifestError for a folder that is
+            missing, incomplete, or whose graphs do not have the inputs/outputs needed.
+        """
+        folder = Path(model_dir)
+        manifest = read_manifest(folder)
+        chosen = resolve_provider(provider, say)
+        return cls(folder, manifest, chosen, low_memory, say)
+
+    # --- sessions ------------------------------------------------------------------------------
+
+    def _check(self, name: str, inputs: tuple[Port, ...], outputs: tuple[Port, ...]) -> None:
+        file = self.manifest.graphs[name].file
+        wants_in, wants_out = self.contracts[name]
+        _check_ports(name, file, "input", inputs, wants_in)
+        _check_ports(name, file, "output", outputs, wants_out)
+
+    def _open(self, name: str, path: Path) -> Graph:
+        fused = self.manifest.graphs[name].optimization == "ort"
+        graph = Graph(name, path, self.provider, fused)
+        self._check(name, graph.inputs, graph.outputs)
+        return graph
+
+    @contextlib.contextmanager
+    def _graph(self, name: str) -> Iterator[Graph]:
+        """The session of `name`: the loaded one, or (low_memory) a fresh one freed afterwards."""
+        if name in self._graphs:
+            yield self._graphs[name]
+            return
+        if name not in self.manifest.graphs:
+            raise ManifestError(
+                f"{self.folder}: no {name} graph; image-to-image needs the VAE encoder: re-export the model"
+            )
+        graph = self._open(name, check_graph_files(self.folder, self.manifest.graphs[name].file))
+        try:
+            yield graph
+        finally:
+            graph.release_device()
+            del graph
+            gc.collect()
+
+    # --- config --------------------------------------------------------------------------------
+
+    def _read_scheduler_config(self) -> dict[str, Any]:
+        path = inside(self.folder, self.manifest.scheduler_config)
+        config = read_json(path)
+        if not isinstance(config, dict):
+            raise ManifestError(f"{path}: expected a JSON object (a diffusers scheduler config)")
+        # The manifest is the source of truth for what the UNet predicts.
+        return {**config, "prediction_type": self.manifest.prediction_type}
+
+    def _default_scheduler(self) -> str | None:
+        return schedulers.name_for_config(self.scheduler_config)
+
+    def _scheduler(self, scheduler: str | None) -> tuple[str, dict[str, Any]]:
+        """(scheduler name, config) for a request: the folder's config, Karras sigmas for `*_karras`."""
+        if scheduler is None:
+            if self.default_scheduler is None:
+                raise UsageError(
+                    f"the folder's scheduler {self.scheduler_config.get('_class_name')!r} is not "
+                    f"implemented; pick one with scheduler=... ({', '.join(scheduler_names())})"
+                )
+            return self.default_scheduler, self.scheduler_config
+        if not isinstance(scheduler, str) or scheduler not in scheduler_names():
+            raise UsageError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(scheduler_names())}")
+        if scheduler.endswith(KARRAS):
+            return scheduler[: -len(KARRAS)], {**self.scheduler_config, "use_karras_sigmas": True}
+        return scheduler, self.scheduler_config
+
+    # --- generation ----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        steps: int = 25,
+        guidance: float = 7.5,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int = 0,
+        scheduler: str | None = None,
+        num_images: int = 1,
+        latents: np.ndarray | None = None,
+        image: Image.Image | str | os.PathLike | None = None,
+        strength: float = 0.8,
+        output: Output = "pil",
+        callback: Callback | None = None,
+        *,
+        image_noise: np.ndarray | None = None,
+        rng: NoiseSource | None = None,
+        progress: bool = True,
+    ) -> list[Image.Image] | np.ndarray:
+        """Generates `num_images` images for `prompt` (text-to-image, or image-to-image with `image`).
+
+        Args:
+            prompt, negative_prompt: the texts; the negative one is the unconditional branch of
+                classifier-free guidance (an empty string, as in diffusers, when not given).
+            steps: scheduler steps (image-to-image runs the last `int(steps * strength)` of them).
+            guidance: classifier-free guidance scale; at 1 or below the unconditional branch is
+                skipped (one UNet batch of B instead of 2B), as in diffusers.
+            width, height: pixels, multiples of `self.size_multiple`; default: the model's native
+                size, or with `image` its size rounded down to a multiple.
+            seed: image i uses `np.random.default_rng(seed + i)` for all of its noise, so image i
+                of a batch is reproduced alone with seed + i (AUTOMATIC1111's convention).
+            scheduler: a name from `scheduler_names()` ("euler", "dpmpp_2m", ..., and
+                "dpmpp_2m_karras" etc. for Karras sigmas); default: the folder's scheduler.
+            num_images: images per call (one batch).
+            latents: unit-variance starting noise [num_images, C, height/8, width/8] instead of
+                the seeded draw (with `image`: the noise added to the encoded image).
+            image, strength: image-to-image as diffusers' StableDiffusionImg2ImgPipeline: the
+                image is VAE-encoded, noised to step `steps - int(steps * strength)`, denoised.
+            output: "pil" for a list of PIL images, "np" for float32 [B, H, W, 3] in [0, 1]
+                (diffusers' output_type="np").
+            callback: called after every scheduler step as callback(i, total, latents), i from 0
+                to total - 1; total is the number of model evaluations left to run (heun: about
+                2 * steps; image-to-image: only the remaining ones).
+            image_noise: the VAE-sampling noise of image-to-image, [num_images or 1, C, h, w],
+                instead of the seeded draw.
+            rng: the noise source of stochastic schedulers instead of the seeded generators.
+            progress: show a tqdm progress bar.
+        Raises:
+            UsageError for an invalid request; SdportError if a component produces NaN/inf.
+        """
+        m = self.manifest
+        if not isinstance(prompt, str):
+            raise UsageError(f"prompt must be a string, got {type(prompt).__name__}")
+        if negative_prompt is None:
+            negative_prompt = ""
+        if not isinstance(negative_prompt, str):
+            raise UsageError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
+        steps = _positive_int("steps", steps)
+        num_images = _positive_int("num_images", num_images)
+        guidance = _finite("guidance", guidance)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+        if output not in ("pil", "np"):
+            raise UsageError(f"output must be 'pil' or 'np', got {output!r}")
+        name, config = self._scheduler(scheduler)
+
+        source = None
+        if image is not None:
+            strength = _finite("strength", strength)
+            if not 0 <= strength <= 1:
+                raise UsageError(f"strength must be in [0, 1], got {strength}")
+            if "vae_encoder" not in m.graphs:
+                raise ManifestError(f"{self.folder}: no vae_encoder graph, needed for image-to-image; re-export the model")
+            source = imgs.load_image(image, self._say)
+            if width is None and height is None:
+                width, height = (s - s % self.size_multiple for s in source.size)
+                if (width, height) != source.size and self._say:
+                    self._say(f"input image {source.size[0]}x{source.size[1]} resized to {width}x{height} "
+                              f"(a multiple of {self.size_multiple})")
+        width = m.default_image_size if width is None else width
+        height = m.default_image_size if height is None else height
+        check_size(m, width, height)
+        shape = (num_images, m.latent_channels, height // m.vae_scale, width // m.vae_scale)
+        seeded = _PerImage(seed, num_images)
+        noise_source = rng if rng is not None else seeded
+
+        start_step = 0
+        if source is not None:
+            start_step = steps - int(steps * strength)
+            if start_step >= steps:
+                raise UsageError(
+                    f"strength {strength} with {steps} steps leaves no denoising step "
+                    f"(int(steps * strength) = 0); raise strength or steps"
+                )
+            pixels = imgs.preprocess(source, width, height)
+            if not np.isfinite(pixels).all():
+                raise UsageError("the input image has NaN or inf pixels")
+            image_latents = self._encode_image(pixels, shape, image_noise, seeded)
+            noise = _given_noise("latents", latents, shape) if latents is not None else _draw(seeded, shape)
+            x = schedulers.add_noise(name, config, image_latents, noise, steps, start_step)
+        else:
+            x = _given_noise("latents", latents, shape) if latents is not None else _draw(seeded, shape)
+
+        embeddings = self._embed(prompt, negative_prompt, num_images, guidance > 1)
+        x = self._denoise(name, config, x, steps, start_step, embeddings, guidance, noise_source, callback, progress)
+        pixels_out = self._decode(x)
+        result = imgs.postprocess(pixels_out)
+        return result if output == "np" else imgs.to_pil(result)
+
+    def _embed(self, prompt: str, negative_prompt: str, count: int, guided: bool) -> np.ndarray:
+        """Text embeddings [2B, T, D] ([negative] * B + [prompt] * B, as diffusers stacks them) or [B, T, D]."""
+        texts = [negative_prompt, prompt] if guided else [prompt]
+        ids = self.tokenizer.encode(texts)
+        with self._graph("text_encoder") as graph:
+            hidden = graph.run({"input_ids": ids})["last_hidden_state"]  # [len(texts), T, D]
+        hidden = np.asarray(hidden, dtype=np.float32)
+        if not np.isfinite(hidden).all():
+            raise SdportError("text_encoder: output has NaN or inf; the graph is broken, re-export the model")
+        return np.repeat(hidden, count, axis=0)  # [neg x B; pos x B]
+
+    def _encode_image(
+        self, pixels: np.ndarray, shape: tuple[int, ...], image_noise: np.ndarray | None, seeded: _PerImage,
+    ) -> np.ndarray:
+        """VAE-encode and sample as diffusers' DiagonalGaussianDistribution: mean + std * noise."""
+        with self._graph("vae_encoder") as graph:
+            parameters = graph.run({"sample": pixels})["latent_parameters"]  # [1, 2C, h, w]
+        if not np.isfinite(parameters).all():
+            raise SdportError("vae_encoder: output has NaN or inf for this image")
+        if parameters.shape[2:] != shape[2:]:
+            raise SdportError(f"vae_encoder: output {parameters.shape}, expected latents {shape[2:]} per image")
+        mean, logvar = np.split(parameters.astype(np.float32), 2, axis=1)
+        logvar = np.clip(logvar, -30.0, 20.0)  # as diffusers, before exp
+        std = np.exp(0.5 * logvar)
+        if image_noise is not None:
+            eps = _given_noise("image_noise", image_noise, shape, broadcast=True)
+        else:
+            eps = _draw(seeded, shape)
+        return (mean + std * eps) * np.float32(self.manifest.vae_scaling_factor)
+
+    def _denoise(
+        self, name: str, config: dict[str, Any], x: np.ndarray, steps: int, start_step: int,
+        embeddings: np.ndarray, guidance: float, noise_source: NoiseSource, callback: Callback | None,
+        progress: bool,
+    ) -> np.ndarray:
+        count = x.shape[0]
+        guided = embeddings.shape[0] == 2 * count
+        current = {"step": 0}
+        with self._graph("unet") as unet, tqdm(total=None, disable=not progress, desc="denoising", unit="step") as bar:
+            unet.keep_on_device("encoder_hidden_states", embeddings)
+            timestep_port = unet.input("timestep")
+
+            def model(x_in: np.ndarray, t: Any) -> np.ndarray:
+                sample = np.concatenate([x_in, x_in]) if guided else x_in  # [2B | B, C, h, w]
+                out = unet.run({
+                    "sample": sample,
+                    "timestep": self._timestep(timestep_port, t, name),
+                    "encoder_hidden_states": embeddings,
+                })["out_sample"]
+                if not np.isfinite(out).all():
+                    raise SdportError(
+                        f"unet: output has NaN or inf at step {current['step'] + 1} (timestep {float(t):g}); "
+                        f"with an fp16 export try --provider cpu or an fp32 export"
+                    )
+                if not guided:
+                    return out
+                uncond, text = out[:count], out[count:]
+                return uncond + guidance * (text - uncond)
+
+            def on_step(step: int, total: int, latents: np.ndarray) -> None:
+                if not np.isfinite(latents).all():
+                    raise SdportError(f"{name}: latents have NaN or inf after step {step + 1} of {total}")
+                current["step"] = step + 1
+                bar.total = total
+                bar.update(1)
+                if callback is not None:
+                    callback(step, total, latents)
+
+            try:
+                return schedulers.denoise(
+                    name, config, model, x, steps, rng=noise_source, start_step=start_step, callback=on_step,
+                )
+            finally:
+                unet.release_device()
+
+    @staticmethod
+    def _timestep(port: Port, t: Any, scheduler: str) -> np.ndarray:
+        """The timestep in the dtype and shape the UNet graph declares (scalar float32 from sdport)."""
+        value = np.asarray(t, dtype=np.float64)
+        if np.dtype(port.dtype).kind == "i" and value != np.round(value):
+            raise UsageError(
+                f"unet: this graph takes an integer timestep, but scheduler {scheduler!r} uses "
+                f"fractional ones ({float(value):g}); choose one with integer timesteps (ddim, pndm, "
+                f"euler without karras sigmas) or re-export the model with sdport"
+            )
+        if len(port.shape) == 0:
+            return np.asarray(value, dtype=port.dtype)
+        size = port.shape[0] if isinstance(port.shape[0], int) else 1
+        return np.full((size,), value, dtype=port.dtype)
+
+    def _decode(self, x: np.ndarray) -> np.ndarray:
+        """latents / scaling factor through the VAE decoder -> pixels [B, 3, H, W] in about [-1, 1]."""
+        latents = x / np.float32(self.manifest.vae_scaling_factor)
+        with self._graph("vae_decoder") as graph:
+            if self.low_memory:  # one image at a time: the decoder's activations dominate memory
+                pixels = np.concatenate([graph.run({"latent_sample": latents[i : i + 1]})["sample"] for i in range(len(x))])
+            else:
+                pixels = graph.run({"latent_sample": latents})["sample"]
+        bad = [i for i in range(len(pixels)) if not np.isfinite(pixels[i]).all()]
+        if bad:
+            raise SdportError(
+                f"vae_decoder: image(s) {bad} have NaN or inf pixels; an fp16 VAE decoder overflows "
+                f"(sdport keeps it fp32: re-export without converting the VAE)"
+            )
+        return pixels

@@ -1,0 +1,76 @@
+"""`sdport generate`: PNGs with their settings, no overwrite without --overwrite, one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sdport.cli import EXIT_USAGE, main
+
+
+def generate(model: Path, *extra: str) -> int:
+    return main(["generate", str(model), "a red fox", "--steps", "2", *extra])
+
+
+def test_generate_writes_pngs_with_parameters(tiny_onnx_dir, tmp_path, capsys):
+    out = tmp_path / "fox.png"
+    assert generate(tiny_onnx_dir, "--negative", "blurry", "--seed", "5", "--num-images", "2", "-o", str(out)) == 0
+    summary = capsys.readouterr().err.strip().splitlines()[-1]
+    assert summary.startswith("cpu: ") and "s each" in summary and str(tmp_path / "fox-1.png") in summary
+    for i in range(2):
+        with Image.open(tmp_path / f"fox-{i}.png") as image:
+            assert image.size == (64, 64)
+            assert image.text["parameters"] == (
+                "a red fox\nNegative prompt: blurry\nSteps: 2, Sampler: pndm, CFG scale: 7.5, "
+                f"Seed: {5 + i}, Size: 64x64, Model: onnx, Software: sdport"
+            )
+    # Image 1 of seed 5 is image 0 of seed 6.
+    assert generate(tiny_onnx_dir, "--negative", "blurry", "--seed", "6", "-q", "-o", str(tmp_path / "six.png")) == 0
+    with Image.open(tmp_path / "fox-1.png") as a, Image.open(tmp_path / "six.png") as b:
+        assert list(a.getdata()) == list(b.getdata())
+
+
+def test_no_overwrite_without_flag(tiny_onnx_dir, tmp_path, capsys):
+    out = tmp_path / "fox.png"
+    out.write_bytes(b"keep me")
+    assert generate(tiny_onnx_dir, "-q", "-o", str(out)) == EXIT_USAGE
+    assert out.read_bytes() == b"keep me"
+    assert "already exists" in capsys.readouterr().err
+    assert generate(tiny_onnx_dir, "-q", "-o", str(out), "--overwrite", "--scheduler", "euler_ancestral") == 0
+    with Image.open(out) as image:
+        assert "Sampler: euler_ancestral" in image.text["parameters"]
+
+
+def test_image_to_image(tiny_onnx_dir, tmp_path):
+    source = tmp_path / "in.png"
+    Image.new("RGBA", (70, 50), (200, 30, 30, 255)).save(source)
+    out = tmp_path / "out.png"
+    assert generate(tiny_onnx_dir, "-q", "--image", str(source), "--strength", "0.5", "-o", str(out)) == 0
+    with Image.open(out) as image:
+        assert image.size == (64, 48)  # rounded down to a multiple of 16
+        assert "Denoising strength: 0.5" in image.text["parameters"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--width", "100"], "width 100 is not a multiple of 16"),
+        (["--scheduler", "k_lms"], "unknown scheduler 'k_lms'; choose one of: ddim, "),
+        (["--provider", "tpu"], "unknown provider 'tpu'; choose auto, cuda, dml, cpu (installed here: "),
+        (["--steps", "0"], "steps must be a positive integer"),
+        (["--image", "missing.png"], "input image missing.png not found"),
+    ],
+)
+def test_errors_are_one_line_and_exit_2(tiny_onnx_dir, tmp_path, capsys, args, message):
+    assert generate(tiny_onnx_dir, "-q", "-o", str(tmp_path / "x.png"), *args) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sdport: error: ") and message in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    assert generate(tmp_path / "nope", "-q") == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model folder not found" in err

@@ -1,0 +1,241 @@
+"""End to end: sdport's Pipeline against diffusers' pipelines on the tiny model, same inputs.
+
+Same prompt, negative prompt, guidance, steps, starting latents (and, for stochastic schedulers
+and image-to-image, the same noise, replayed on both sides) through diffusers (torch) and through
+`Pipeline.generate(output="np")`. Pixels in [0, 1]; tolerance atol 1e-3 (observed max errors
+are printed with `pytest -s`; about 1e-6 on this model).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from PIL import Image  # noqa: E402
+
+from sdport.runtime import Pipeline  # noqa: E402
+
+ATOL = 1e-3  # on pixels in [0, 1]
+PROMPT, NEGATIVE = "a red fox in the snow, photograph", "blurry, low quality"
+STEPS = 6
+
+# sdport name -> (diffusers class, from_config overrides)
+SCHEDULERS = {
+    "pndm": ("PNDMScheduler", {}),  # the folder's default
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+}
+# Modules whose `randn_tensor` draws the scheduler's own noise.
+STOCHASTIC = {"euler_ancestral": "diffusers.schedulers.scheduling_euler_ancestral_discrete"}
+
+
+class Replay:
+    """The same noise arrays, in order, for sdport (as an rng) and for diffusers (as randn_tensor)."""
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        self.arrays = list(arrays)
+
+    def standard_normal(self, size, dtype=np.float64):
+        array = self.arrays.pop(0)
+        assert array.shape == tuple(size), (array.shape, size)
+        return array.astype(dtype)
+
+    def randn_tensor(self, shape, generator=None, device=None, dtype=None, layout=None):
+        array = self.arrays.pop(0)
+        assert array.shape == tuple(shape), (array.shape, shape)
+        return torch.from_numpy(array.copy()).to(dtype=dtype or torch.float32)
+
+
+def noise(shape: tuple[int, ...], seed: int, count: int = 1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape, dtype=np.float32) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_diffusers_dir: Path):
+    """diffusers' text-to-image pipeline on the tiny model, and its original scheduler config."""
+    from diffusers import StableDiffusionPipeline
+
+    # One thread: the tiny model gains nothing from more, and two torch threads on a loaded
+    # 2-core machine spin-wait for seconds per call (measured: 13 s vs 0.1 s per pipeline run).
+    torch.set_num_threads(1)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_diffusers_dir, safety_checker=None, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, dict(pipe.scheduler.config)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_onnx_dir: Path) -> Pipeline:
+    return Pipeline.load(tiny_onnx_dir, provider="cpu")
+
+
+def use_scheduler(reference_pipe, config: dict, name: str) -> None:
+    class_name, overrides = SCHEDULERS[name]
+    cls = getattr(diffusers, class_name)
+    reference_pipe.scheduler = cls.from_config(config, **overrides)
+
+
+def compare(ours: np.ndarray, theirs: np.ndarray, label: str) -> float:
+    assert ours.shape == theirs.shape and ours.dtype == np.float32
+    error = float(np.abs(ours - theirs).max())
+    print(f"\n{label}: max |sdport - diffusers| = {error:.2e}")
+    np.testing.assert_allclose(ours, theirs, atol=ATOL, rtol=0)
+    return error
+
+
+def run_both(pipe, reference, monkeypatch, name, *, batch=1, guidance=7.5, width=64, height=64, steps=STEPS):
+    reference_pipe, config = reference
+    use_scheduler(reference_pipe, config, name)
+    latents = noise((batch, 4, height // 8, width // 8), seed=1)[0]
+    rng = None
+    if name in STOCHASTIC:
+        draws = noise(latents.shape, seed=2, count=2 * steps)
+        rng = Replay(draws)
+        monkeypatch.setattr(f"{STOCHASTIC[name]}.randn_tensor", Replay(draws).randn_tensor)
+    theirs = reference_pipe(
+        PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=guidance,
+        width=width, height=height, num_images_per_prompt=batch, latents=torch.from_numpy(latents.copy()),
+        output_type="np",
+    ).images
+    ours = pipe.generate(
+        PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance=guidance, width=width, height=height,
+        scheduler=name, num_images=batch, latents=latents, rng=rng, output="np", progress=False,
+    )
+    return ours, theirs
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_text_to_image_matches_diffusers(pipe, reference, monkeypatch, name):
+    if name == "lms":
+        pytest.importorskip("scipy", reason="diffusers' LMSDiscreteScheduler needs scipy")
+    ours, theirs = run_both(pipe, reference, monkeypatch, name)
+    compare(ours, theirs, f"txt2img {name}")
+
+
+def test_batch_of_two_and_non_square(pipe, reference, monkeypatch):
+    ours, theirs = run_both(pipe, reference, monkeypatch, "euler_ancestral", batch=2, width=96, height=64)
+    assert ours.shape == (2, 64, 96, 3)
+    compare(ours, theirs, "txt2img batch 2, 96x64, euler_ancestral")
+
+
+def test_guidance_one_skips_the_unconditional_branch(pipe, reference, monkeypatch):
+    calls = []
+    unet = pipe._graphs["unet"]
+    original = unet.run
+    monkeypatch.setattr(unet, "run", lambda feeds: calls.append(feeds["sample"].shape[0]) or original(feeds))
+    ours, theirs = run_both(pipe, reference, monkeypatch, "ddim", guidance=1.0)
+    assert set(calls) == {1}, "guidance 1 must run the UNet on the positive prompt only"
+    compare(ours, theirs, "txt2img guidance 1.0 ddim")
+
+
+def gradient_image(width: int, height: int) -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 / (width - 1), y * 255 / (height - 1), (x + y) * 127 / (width + height)], axis=-1)
+    return Image.fromarray(rgb.round().astype(np.uint8), "RGB")
+
+
+@pytest.mark.parametrize(("name", "strength"), [("pndm", 0.5), ("euler_ancestral", 0.75), ("dpmpp_2m", 0.3)])
+def test_image_to_image_matches_diffusers(pipe, tiny_diffusers_dir, monkeypatch, name, strength):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    torch.set_num_threads(1)  # see `reference`
+    reference_pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
+        tiny_diffusers_dir, safety_checker=None, torch_dtype=torch.float32
+    )
+    reference_pipe.set_progress_bar_config(disable=True)
+    use_scheduler(reference_pipe, dict(reference_pipe.scheduler.config), name)
+    image = gradient_image(64, 48)
+    shape = (1, 4, 6, 8)
+    image_noise, start_noise = noise(shape, seed=3, count=2)
+    monkeypatch.setattr("diffusers.models.autoencoders.vae.randn_tensor", Replay([image_noise]).randn_tensor)
+    monkeypatch.setattr(
+        "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img.randn_tensor",
+        Replay([start_noise]).randn_tensor,
+    )
+    rng = None
+    if name in STOCHASTIC:
+        draws = noise(shape, seed=4, count=2 * STEPS)
+        rng = Replay(draws)
+        monkeypatch.setattr(f"{STOCHASTIC[name]}.randn_tensor", Replay(draws).randn_tensor)
+    theirs = reference_pipe(
+        PROMPT, image=image, strength=strength, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
+        guidance_scale=7.5, output_type="np",
+    ).images
+    ours = pipe.generate(
+        PROMPT, negative_prompt=NEGATIVE, steps=STEPS, guidance=7.5, scheduler=name, image=image,
+        strength=strength, latents=start_noise, image_noise=image_noise, rng=rng, output="np", progress=False,
+    )
+    compare(ours, theirs, f"img2img {name} strength {strength}")
+
+
+def test_seeds_reproduce_image_by_image(pipe):
+    kwargs = dict(steps=3, scheduler="euler_ancestral", output="np", progress=False)
+    batch = pipe.generate(PROMPT, seed=7, num_images=2, **kwargs)
+    again = pipe.generate(PROMPT, seed=7, num_images=2, **kwargs)
+    alone = pipe.generate(PROMPT, seed=8, num_images=1, **kwargs)
+    np.testing.assert_array_equal(batch, again)
+    np.testing.assert_allclose(batch[1], alone[0], atol=1e-5)  # batch vs single kernels: rounding only
+    assert np.abs(batch[0] - batch[1]).max() > 0.01
+
+
+def test_default_size_and_scheduler_come_from_the_folder(pipe):
+    assert pipe.default_scheduler == "pndm"
+    images = pipe.generate("a fox", steps=2, progress=False)
+    assert [im.size for im in images] == [(64, 64)]  # sample_size 8 * vae_scale 8
+
+
+def optimum_folder(tiny_onnx_dir: Path, tiny_diffusers_dir: Path, out: Path) -> Path:
+    """The tiny export laid out as optimum writes it: no sdport.json, no tokenizer.json, and a
+    UNet whose timestep input is int64 of shape [1] (as older optimum/diffusers ONNX exports)."""
+    from diffusers import UNet2DConditionModel
+
+    shutil.copytree(tiny_onnx_dir, out)
+    (out / "sdport.json").unlink()
+    (out / "tokenizer" / "tokenizer.json").unlink()
+
+    class UNetInt64(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_diffusers_dir / "unet").eval()
+    example = (torch.randn(2, 4, 8, 8), torch.tensor([981], dtype=torch.int64), torch.randn(2, 77, 32))
+    (out / "unet" / "model.onnx").unlink()
+    with torch.no_grad():
+        torch.onnx.export(
+            UNetInt64(unet), example, str(out / "unet" / "model.onnx"), dynamo=False, opset_version=17,
+            input_names=["sample", "timestep", "encoder_hidden_states"], output_names=["out_sample"],
+            dynamic_axes={
+                "sample": {0: "batch_size", 2: "height", 3: "width"},
+                "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+                "out_sample": {0: "batch_size", 2: "height", 3: "width"},
+            },
+        )
+    return out
+
+
+def test_optimum_layout_with_int64_timestep(tiny_onnx_dir, tiny_diffusers_dir, reference, monkeypatch, tmp_path):
+    import onnxruntime as ort
+
+    folder = optimum_folder(tiny_onnx_dir, tiny_diffusers_dir, tmp_path / "optimum")
+    timestep = ort.InferenceSession(str(folder / "unet" / "model.onnx")).get_inputs()[1]
+    assert (timestep.type, timestep.shape) == ("tensor(int64)", [1])
+    optimum = Pipeline.load(folder, provider="cpu", low_memory=True)
+    assert optimum.manifest.source.startswith("optimum-style")
+    ours, theirs = run_both(optimum, reference, monkeypatch, "pndm")
+    compare(ours, theirs, "optimum layout, int64 [1] timestep, low_memory, pndm")

@@ -1,0 +1,145 @@
+"""Providers, session options, and the checks made before a graph is loaded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from sdport.errors import UsageError
+from sdport.models.manifest import ManifestError
+from sdport.runtime import Pipeline
+from sdport.runtime.sessions import available_providers, check_graph_files, external_data_locations, resolve_provider
+
+HAVE = ort.get_available_providers()
+
+
+def test_auto_picks_the_best_available_and_says_which():
+    notes = []
+    chosen = resolve_provider("auto", notes.append)
+    assert chosen == available_providers()[0]
+    assert chosen in notes[0]
+
+
+def test_unknown_or_missing_provider_is_a_usage_error():
+    with pytest.raises(UsageError, match="unknown provider 'tpu'.*installed here: .*cpu"):
+        resolve_provider("tpu")
+    for name, full in (("cuda", "CUDAExecutionProvider"), ("dml", "DmlExecutionProvider")):
+        if full not in HAVE:
+            with pytest.raises(UsageError, match=f"{full}.*not installed.*available: .*cpu"):
+                resolve_provider(name)
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in HAVE,
+    reason="CUDAExecutionProvider not installed (needs onnxruntime-gpu and an NVIDIA GPU)",
+)
+def test_cuda_generates_like_cpu(tiny_onnx_dir):
+    # Exercises the I/O-binding path (text embeddings kept on the GPU between steps).
+    kwargs = dict(steps=4, scheduler="euler", output="np", progress=False, seed=1)
+    on_gpu = Pipeline.load(tiny_onnx_dir, provider="cuda").generate("a fox", **kwargs)
+    on_cpu = Pipeline.load(tiny_onnx_dir, provider="cpu").generate("a fox", **kwargs)
+    np.testing.assert_allclose(on_gpu, on_cpu, atol=1e-3)
+
+
+@pytest.mark.skipif(
+    "DmlExecutionProvider" not in HAVE,
+    reason="DmlExecutionProvider not installed (needs onnxruntime-directml on Windows)",
+)
+def test_directml_generates(tiny_onnx_dir):
+    images = Pipeline.load(tiny_onnx_dir, provider="dml").generate("a fox", steps=2, output="np", progress=False)
+    assert images.shape == (1, 64, 64, 3)
+
+
+def external_model(folder: Path, location: str) -> Path:
+    """A one-initializer ONNX model whose weights live in `location` (relative to the model)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((4,), np.float32), "w")
+    weight.data_location = TensorProto.EXTERNAL
+    weight.ClearField("raw_data")
+    for key, value in (("location", location), ("offset", "0"), ("length", "16")):
+        weight.external_data.add(key=key, value=value)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [weight],
+    )
+    (folder / "unet").mkdir(parents=True, exist_ok=True)
+    path = folder / "unet" / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+def test_external_data_must_stay_in_the_folder(tmp_path):
+    folder = tmp_path / "model"
+    (tmp_path / "outside.bin").write_bytes(np.ones(4, np.float32).tobytes())
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "weights.bin").write_bytes(np.ones(4, np.float32).tobytes())
+
+    external_model(folder, "weights.bin")
+    assert external_data_locations(folder / "unet" / "model.onnx") == ["weights.bin"]
+    check_graph_files(folder, "unet/model.onnx")
+
+    for location in ("../../outside.bin", str(tmp_path / "outside.bin")):
+        external_model(folder, location)
+        with pytest.raises(ManifestError, match="outside the model folder"):
+            check_graph_files(folder, "unet/model.onnx")
+
+    (folder / "unet" / "link.bin").symlink_to(tmp_path / "outside.bin")
+    external_model(folder, "link.bin")
+    with pytest.raises(ManifestError, match="outside the model folder"):
+        check_graph_files(folder, "unet/model.onnx")
+
+
+def test_graph_io_is_checked_at_load(tiny_onnx_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_onnx_dir, folder)
+    data = json.loads((folder / "sdport.json").read_text())
+    data["text_embed_dim"] = 768  # the graphs say 32
+    (folder / "sdport.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="text_encoder: output 'last_hidden_state'.* 32 at axis 2.* says 768"):
+        Pipeline.load(folder, provider="cpu")
+    with pytest.raises(ManifestError, match="says 768"):  # low_memory checks the manifest's I/O
+        Pipeline.load(folder, provider="cpu", low_memory=True)
+
+
+def test_request_checks(tiny_onnx_dir):
+    pipe = Pipeline.load(tiny_onnx_dir, provider="cpu")
+    bad = [
+        (dict(width=72), "width 72 is not a multiple of 16.*use 64 or 80"),
+        (dict(height=0), "height must be an integer of at least 16"),
+        (dict(steps=0), "steps must be a positive integer"),
+        (dict(guidance=float("nan")), "guidance must be a finite number"),
+        (dict(scheduler="k_euler"), "unknown scheduler 'k_euler'; choose one of: .*euler_ancestral"),
+        (dict(image=np.zeros((64, 64, 3))), "input image"),
+        (dict(latents=np.zeros((1, 4, 4, 4))), r"latents has shape \(1, 4, 4, 4\), wants \(1, 4, 8, 8\)"),
+        (dict(latents=np.full((1, 4, 8, 8), np.nan)), "latents contains NaN"),
+        (dict(seed=-1), "seed must be a non-negative integer"),
+        (dict(output="jpg"), "output must be 'pil' or 'np'"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(UsageError, match=message):
+            pipe.generate("a fox", progress=False, **kwargs)
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64))
+    with pytest.raises(UsageError, match=r"strength must be in \[0, 1\]"):
+        pipe.generate("a fox", image=image, strength=1.5, progress=False)
+    with pytest.raises(UsageError, match="leaves no denoising step"):
+        pipe.generate("a fox", image=image, strength=0.05, steps=10, progress=False)
+
+
+def test_nan_from_a_component_names_it(tiny_onnx_dir, monkeypatch):
+    pipe = Pipeline.load(tiny_onnx_dir, provider="cpu")
+    unet = pipe._graphs["unet"]
+    monkeypatch.setattr(unet, "run", lambda feeds: {"out_sample": np.full(feeds["sample"].shape, np.nan, np.float32)})
+    from sdport.errors import SdportError
+
+    with pytest.raises(SdportError, match="unet: output has NaN or inf at step 1"):
+        pipe.generate("a fox", steps=3, progress=False)
