@@ -7,11 +7,12 @@ Every SdportError becomes one line on stderr and exit status 2, never a tracebac
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from sdport import __version__
-from sdport.errors import SdportError
+from sdport.errors import SdportError, UsageError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -25,6 +26,8 @@ def _say(args: argparse.Namespace):
 
 
 def _needs_export_extra() -> None:
+    # transformers warns at import about optional image processors export never uses.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         import diffusers  # noqa: F401
         import torch  # noqa: F401
@@ -80,8 +83,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return run_generate(args, say=_say(args))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one `sdport: error:` line like every other error."""
+
+    def error(self, message: str):  # argparse prints the usage block and exits; we raise instead
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdport", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="sdport", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"sdport {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -136,16 +146,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "(no message)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.run(args)
     except SdportError as exc:
-        print(f"sdport: error: {exc}", file=sys.stderr)
+        print(f"sdport: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("sdport: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    # Last resort for what the user's machine, not sdport, caused (a read-only folder, a full
+    # disk, a file where a folder should be): still one line. Bugs keep their traceback.
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"sdport: error: {where}{_one_line(exc.strerror or exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError as exc:
+        print(
+            f"sdport: error: out of memory ({_one_line(exc)}); use a smaller --width/--height or "
+            "--num-images, or --low-memory",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def build_tiny_pipeline(seed: int = 0):
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).to(dtype=torch.float32)
+    )
 
 
 def write_tiny_model(out: Path, seed: int = 0) -> Path:
