@@ -83,6 +83,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return run_generate(args, say=_say(args))
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sdport.runtime.plans import write_folder_plans
+
+    paths = write_folder_plans(args.model, args.scheduler, args.steps, out=args.out)
+    say = _say(args)
+    if say:
+        for path in paths:
+            say(f"wrote {path}")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad command line is one `sdport: error:` line like every other error."""
 
@@ -143,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("-o", "--out", default="sdport.png", help="output PNG (numbered for several)")
     generate.add_argument("--overwrite", action="store_true", help="replace existing output files")
     generate.set_defaults(run=cmd_generate)
+
+    plan = command("plan", "write sampling plans (JSON) for hosts in other languages (docs/CONTRACT.md)")
+    plan.add_argument("model", help="exported model folder")
+    plan.add_argument("--scheduler", action="append", required=True,
+                      help="e.g. euler, dpmpp_2m, euler_ancestral, dpmpp_2m_karras (repeatable)")
+    plan.add_argument("--steps", type=int, nargs="+", required=True,
+                      help="step counts: one plan per scheduler and count")
+    plan.add_argument("-o", "--out", help="write the single plan here instead of MODEL/plans/<scheduler>-<steps>.json")
+    plan.set_defaults(run=cmd_plan)
     return parser
 
 

@@ -7,7 +7,9 @@ or failed export never leaves a half-written model folder behind.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
+import glob
 import json
 import os
 import shutil
@@ -52,11 +54,69 @@ def _tool_versions() -> dict[str, str]:
     }
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (on this machine); True when unsure, so nothing live is removed."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
+        import ctypes
+
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.GetLastError() == 5  # access denied: it exists
+        code = ctypes.c_ulong()
+        ctypes.windll.kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        ctypes.windll.kernel32.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def remove_stale_siblings(out: Path, report: Reporter | None = None) -> list[Path]:
+    """Removes `.OUT.partial-PID` / `.OUT.old-PID` folders left by exports that were killed.
+
+    A SIGKILL or a power cut cannot clean up; the next export of the same OUT does, but only for
+    folders whose process is gone, so two exports running at once do not delete each other's work.
+    """
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for kind in ("partial", "old"):
+        for path in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*"):
+            pid = path.name.rsplit("-", 1)[1]
+            if pid.isdigit() and path.is_dir() and not _pid_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+                if report:
+                    report(f"removed {path}, left by an export that was interrupted")
+    return removed
+
+
 def _temporary_sibling(out: Path) -> Path:
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise SdportError(
+            f"cannot create {tmp} next to {out} ({exc.strerror or exc}); choose an OUT in a folder you can write to"
+        ) from exc
     return tmp
+
+
+def _write_failed(exc: OSError, tmp: Path, out: Path) -> SdportError:
+    """A full disk or a vanished folder mid-export, said in one line: what, where, what was cleaned up."""
+    where = exc.filename or tmp
+    hint = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "check the folder"
+    return SdportError(
+        f"export failed writing {where}: {exc.strerror or exc}; removed the partial folder {tmp}, "
+        f"{out} was not written: {hint} and run the export again"
+    )
 
 
 class _Stages:
@@ -202,6 +262,10 @@ def export_model(
         raise SdportError(f"unknown optimization {optimization!r}; choose ort, portable or none")
     if opset < 17:
         raise SdportError(f"opset {opset} is too old: LayerNormalization needs 17 or newer")
+    # Before the minutes of loading: the temporary folder goes next to OUT.
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if not out.exists() and parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+        raise SdportError(f"cannot create {out}: {parent} is not a writable folder; choose another OUT")
 
     started = time.perf_counter()
     report(f"loading {source}")
@@ -215,6 +279,7 @@ def export_model(
     # Two resolutions, one of them not square, so that H and W can't be confused or frozen.
     sizes = [(4 * latent_multiple, 4 * latent_multiple), (4 * latent_multiple, 6 * latent_multiple)]
 
+    remove_stale_siblings(out, report)
     tmp = _temporary_sibling(out)
     try:
         _write_configs(pipeline, tmp)
@@ -252,6 +317,14 @@ def export_model(
         shutil.rmtree(tmp / ".work", ignore_errors=True)
         write_manifest(tmp, manifest)
         _replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failed(exc, tmp, out) from exc
+    except RuntimeError as exc:  # torch's and onnx's C++ writers report a full disk this way
+        shutil.rmtree(tmp, ignore_errors=True)
+        if "No space left on device" in str(exc):
+            raise _write_failed(OSError(errno.ENOSPC, "No space left on device"), tmp, out) from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

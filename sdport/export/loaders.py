@@ -279,7 +279,7 @@ def _tensor_info(path: Path, name: str, entry: Any, data_size: int) -> TensorInf
     if not isinstance(entry, dict):
         raise SdportError(f"{where}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise SdportError(f"{where}: unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise SdportError(f"{where}: shape {shape!r} is not a list of non-negative integers")
@@ -395,6 +395,9 @@ def _from_single_file(path: Path, config_dir: Path, shapes: Mapping[str, tuple[i
     import torch
     from diffusers import StableDiffusionPipeline
 
+    # Before loading: diffusers' low-memory loader (with accelerate) fails on a missing weight
+    # with an unhelpful meta-tensor error, and without it a missing weight would stay random.
+    _check_complete(path, _empty_pipeline(config_dir), shapes)
     try:
         pipeline = StableDiffusionPipeline.from_single_file(
             str(path), config=str(config_dir), local_files_only=True, **_pipeline_kwargs(torch)
@@ -404,8 +407,26 @@ def _from_single_file(path: Path, config_dir: Path, shapes: Mapping[str, tuple[i
             f"{path}: diffusers could not build a pipeline from it with {configs}: {_first_line(exc)}; "
             "if it is not a plain SD 1.x/2.x model, pass --config with a diffusers folder that matches it"
         ) from exc
-    _check_complete(path, pipeline, shapes)
     return pipeline
+
+
+def _empty_pipeline(config_dir: Path) -> Any:
+    """unet, vae and text_encoder from `config_dir`'s configs on the meta device (no memory)."""
+    from types import SimpleNamespace
+
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    try:
+        with init_empty_weights():
+            return SimpleNamespace(
+                unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet")),
+                vae=AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae")),
+                text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder")),
+            )
+    except Exception as exc:  # missing or invalid config files
+        raise SdportError(f"{config_dir}: its component configs cannot be read: {_first_line(exc)}") from exc
 
 
 def _check_complete(path: Path, pipeline: Any, shapes: Mapping[str, tuple[int, ...]]) -> None:

@@ -16,15 +16,24 @@ Say = Callable[[str], None]
 def run_generate(args: argparse.Namespace, say: Say | None) -> int:
     """Runs the `generate` subcommand; `say` is None with --quiet (no progress bar, no summary)."""
     from sdport.models.manifest import read_manifest
-    from sdport.runtime.pipeline import Pipeline, check_size, scheduler_names
+    from sdport.runtime.pipeline import Pipeline, check_request, check_size, scheduler_names
+    from sdport.runtime.sessions import resolve_provider
 
     # Cheap checks first: loading an SD-sized model takes seconds, a typo should not.
     if args.num_images < 1:
         raise UsageError(f"--num-images must be at least 1, got {args.num_images}")
+    check_request(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, guidance=args.guidance,
+                  seed=args.seed, num_images=args.num_images, strength=args.strength)
     if args.scheduler is not None and args.scheduler not in scheduler_names():
         raise UsageError(f"unknown scheduler {args.scheduler!r}; choose one of: {', '.join(scheduler_names())}")
-    if args.image is not None and not Path(args.image).is_file():
-        raise UsageError(f"input image {args.image} not found")
+    resolve_provider(args.provider)
+    if args.image is not None:
+        if not Path(args.image).exists():
+            raise UsageError(f"input image {args.image} not found")
+        if not Path(args.image).is_file():
+            raise UsageError(f"input image {args.image} is not a file; pass an image file")
+        # Read and checked now: a truncated download or a text file should not cost a model load.
+        imgs.load_image(args.image)
     manifest = read_manifest(Path(args.model))
     if args.width is not None or args.height is not None:
         size = manifest.default_image_size

@@ -20,6 +20,11 @@ from PIL import Image, PngImagePlugin
 from sdport.errors import SdportError, UsageError
 
 Say = Callable[[str], None]
+# Modes with more than 8 bits per channel, which PIL's convert("RGB") clips rather than scales.
+HIGH_DEPTH_MODES = {
+    "I": "32-bit integer", "F": "32-bit float", "I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit",
+    "I;16N": "16-bit",
+}
 
 
 def load_image(source: str | os.PathLike | Image.Image, say: Say | None = None) -> Image.Image:
@@ -36,12 +41,32 @@ def load_image(source: str | os.PathLike | Image.Image, say: Say | None = None) 
             image.load()
         except FileNotFoundError:
             raise UsageError(f"input image {where} not found") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise UsageError(f"{where}: not an image PIL can read ({exc})") from None
+        except IsADirectoryError:
+            raise UsageError(f"input image {where} is a folder; pass an image file") from None
+        except PermissionError:
+            raise UsageError(f"input image {where}: permission denied; make it readable") from None
+        except Image.DecompressionBombError as exc:  # a tiny file that claims billions of pixels
+            raise UsageError(f"{where}: refused, {exc}") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise UsageError(f"{where}: not an image PIL can read ({exc}); pass a PNG, JPEG or WebP") from None
     if image.mode == "RGB":
         return image
+    if image.mode in HIGH_DEPTH_MODES:
+        # PIL's convert clips 16-bit and float pixels to 0..255 (an almost white image): refuse.
+        raise UsageError(
+            f"{where}: mode {image.mode} ({HIGH_DEPTH_MODES[image.mode]}) is not supported; save it as an "
+            f"8-bit RGB image"
+        )
     # As diffusers.utils.load_image: PIL's convert, which drops alpha (no compositing).
-    converted = image.convert("RGB")
+    try:
+        converted = image.convert("RGB")
+    except ValueError:  # modes PIL converts only via RGBA ("La", premultiplied grey with alpha)
+        try:
+            converted = image.convert("RGBA").convert("RGB")
+        except ValueError:
+            raise UsageError(
+                f"{where}: mode {image.mode} cannot be converted to RGB; save it as an RGB image"
+            ) from None
     dropped = " (alpha channel dropped)" if "A" in image.mode or "transparency" in image.info else ""
     note = f"{where}: mode {image.mode} converted to RGB{dropped}"
     if say:
@@ -105,6 +130,10 @@ def check_writable(paths: list[Path], overwrite: bool) -> None:
     for path in paths:
         if not path.parent.is_dir():
             raise UsageError(f"output folder {path.parent} does not exist; create it or choose another -o")
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise UsageError(f"output folder {path.parent} is not writable; choose another -o")
+        if path.is_dir():
+            raise UsageError(f"{path} is a folder; choose a file name for -o, e.g. {path / 'sdport.png'}")
         if path.exists() and not overwrite:
             raise UsageError(f"{path} already exists; choose another -o or pass --overwrite to replace it")
 
@@ -118,8 +147,9 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: str, overw
     path = Path(path)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
         if overwrite:
@@ -136,8 +166,8 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: str, overw
                     raise UsageError(f"{path} already exists; pass --overwrite to replace it") from None
                 os.replace(tmp, path)
     except OSError as exc:
-        raise SdportError(f"could not write {path}: {exc.strerror or exc}") from exc
+        raise SdportError(f"could not write {path}: {exc.strerror or exc}; check the folder and free space") from exc
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path

@@ -25,6 +25,8 @@ from sdport.errors import SdportError, UsageError
 from sdport.models.manifest import Manifest, ManifestError, TensorSpec, inside, read_json, read_manifest
 from sdport.runtime import images as imgs
 from sdport.runtime import schedulers
+from sdport.runtime.checksums import verify_sha256
+from sdport.runtime.noise import BatchNoise
 from sdport.runtime.sessions import Graph, Port, ProviderName, check_graph_files, resolve_provider
 from sdport.runtime.tokenizer import ClipTokenizer
 
@@ -108,24 +110,16 @@ def _spec_ports(specs: tuple[TensorSpec, ...]) -> tuple[Port, ...]:
     return tuple(Port(s.name, np.dtype(s.dtype).type, tuple(s.shape)) for s in specs)
 
 
+def _tokenizer_dir(folder: Path, relative: str) -> Path:
+    """The tokenizer folder, after checking that none of its files is a link out of the model folder."""
+    path = inside(folder, relative)
+    if path.is_dir():
+        for item in path.iterdir():
+            inside(folder, f"{relative}/{item.name}")
+    return path
+
+
 # --- randomness ------------------------------------------------------------------------------
-
-
-class _PerImage:
-    """A NoiseSource that draws row i of every batch from image i's own generator.
-
-    Image i of a batch uses `np.random.default_rng(seed + i)` for all its noise (initial
-    latents, VAE sampling, ancestral steps), so it is the same image whether generated in a
-    batch or alone with seed + i.
-    """
-
-    def __init__(self, seed: int, count: int) -> None:
-        self.generators = [np.random.default_rng(seed + i) for i in range(count)]
-
-    def standard_normal(self, size: tuple[int, ...], dtype: Any = np.float64) -> np.ndarray:
-        if len(size) == 0 or size[0] != len(self.generators):
-            raise SdportError(f"internal: noise of shape {size} for a batch of {len(self.generators)}")
-        return np.stack([g.standard_normal(tuple(size[1:]), dtype=dtype) for g in self.generators])
 
 
 def _draw(rng: NoiseSource, shape: tuple[int, ...]) -> np.ndarray:
@@ -171,12 +165,22 @@ def scheduler_names() -> tuple[str, ...]:
     return (*names, *karras)
 
 
+# 8192 px a side is a 1024 x 1024 latent: a million attention tokens, far past what SD 1.x/2.x
+# can denoise in memory; larger requests are typos (an extra 0), refused before any allocation.
+MAX_SIDE = 8192
+# One call is one batch (2 x num_images through the UNet with guidance): past 64 the batch no
+# longer fits any GPU at SD sizes, and a million is a typo that would exhaust host memory first.
+MAX_IMAGES = 64
+
+
 def check_size(manifest: Manifest, width: Any, height: Any) -> None:
     """Width and height must be positive multiples of the VAE's times the UNet's down-sampling."""
     multiple = manifest.vae_scale * manifest.latent_multiple
     for label, value in (("width", width), ("height", height)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < multiple:
             raise UsageError(f"{label} must be an integer of at least {multiple} pixels, got {value!r}")
+        if value > MAX_SIDE:
+            raise UsageError(f"{label} {value} is too large: at most {MAX_SIDE} pixels a side")
         if value % multiple:
             lower = value - value % multiple
             raise UsageError(
@@ -186,20 +190,60 @@ def check_size(manifest: Manifest, width: Any, height: Any) -> None:
             )
 
 
+def check_text(name: str, value: Any) -> str:
+    """A prompt: any length and any Unicode, but a string that can be encoded (no lone surrogates)."""
+    if not isinstance(value, str):
+        raise UsageError(f"{name} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UsageError(
+            f"{name} is not valid Unicode (a lone surrogate {value[exc.start]!r} at character {exc.start}, "
+            f"e.g. from a mis-decoded command line); pass UTF-8 text"
+        ) from None
+    return value
+
+
+def check_request(
+    *, prompt: Any, negative_prompt: Any, steps: Any, guidance: Any, seed: Any, num_images: Any,
+    strength: Any = 0.8, image_to_image: bool = True,
+) -> None:
+    """The checks of `generate` that need no model, so the CLI can make them before loading one.
+
+    `strength` is checked only for `image_to_image` (text-to-image ignores it).
+    """
+    check_text("prompt", prompt)
+    check_text("negative_prompt", negative_prompt)
+    _positive_int("steps", steps)
+    if _positive_int("num_images", num_images) > MAX_IMAGES:
+        raise UsageError(
+            f"num_images {num_images} is too many for one batch: at most {MAX_IMAGES}; generate more "
+            f"with further calls and other seeds"
+        )
+    _finite("guidance", guidance)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+    if image_to_image and not 0 <= _finite("strength", strength) <= 1:
+        raise UsageError(f"strength must be in [0, 1], got {strength}")
+
+
 class Pipeline:
     """A loaded model folder: onnxruntime sessions, tokenizer and scheduler config.
 
     Make one with `Pipeline.load(folder)`; `generate(...)` is safe to call repeatedly.
     """
 
-    def __init__(self, folder: Path, manifest: Manifest, provider: str, low_memory: bool, say: Say | None) -> None:
+    def __init__(
+        self, folder: Path, manifest: Manifest, provider: str, low_memory: bool, say: Say | None,
+        verify: bool = True,
+    ) -> None:
         self.folder = folder
         self.manifest = manifest
         self.provider = provider
         self.low_memory = low_memory
         self._say = say
         self.size_multiple = manifest.vae_scale * manifest.latent_multiple
-        self.tokenizer = ClipTokenizer.load(inside(folder, manifest.tokenizer_dir), manifest.max_tokens)
+        self.tokenizer = ClipTokenizer.load(_tokenizer_dir(folder, manifest.tokenizer_dir), manifest.max_tokens)
         self.scheduler_config = self._read_scheduler_config()
         self.default_scheduler = self._default_scheduler()
         self.contracts = _contracts(manifest)
@@ -214,6 +258,8 @@ class Pipeline:
             if name not in self.contracts:
                 continue
             path = check_graph_files(folder, manifest.graphs[name].file)
+            if verify:
+                verify_sha256(folder, name, manifest.graphs[name].sha256)
             if low_memory:
                 # Sessions are made when needed; check what the manifest says now, the graph then.
                 spec = manifest.graphs[name]
@@ -230,6 +276,7 @@ class Pipeline:
         low_memory: bool = False,
         *,
         say: Say | None = None,
+        verify: bool = True,
     ) -> Pipeline:
         """Loads an exported model folder (sdport's, with sdport.json, or optimum's layout).
 
@@ -242,6 +289,8 @@ class Pipeline:
                 record of them, and again against each session when it is created (an optimum
                 folder has no record, so only then).
             say: receives one-line notes (which provider was picked, image conversions).
+            verify: check the graph files against the sha256 digests in sdport.json (files that
+                verified before and are unchanged are not re-read; see sdport.runtime.checksums).
         Raises:
             UsageError for an unknown or missing provider; ManifestError for a folder that is
             missing, incomplete, or whose graphs do not have the inputs/outputs needed.
@@ -249,7 +298,7 @@ class Pipeline:
         folder = Path(model_dir)
         manifest = read_manifest(folder)
         chosen = resolve_provider(provider, say)
-        return cls(folder, manifest, chosen, low_memory, say)
+        return cls(folder, manifest, chosen, low_memory, say, verify)
 
     # --- sessions ------------------------------------------------------------------------------
 
@@ -344,8 +393,9 @@ class Pipeline:
                 skipped (one UNet batch of B instead of 2B), as in diffusers.
             width, height: pixels, multiples of `self.size_multiple`; default: the model's native
                 size, or with `image` its size rounded down to a multiple.
-            seed: image i uses `np.random.default_rng(seed + i)` for all of its noise, so image i
-                of a batch is reproduced alone with seed + i (AUTOMATIC1111's convention).
+            seed: image i uses the portable generator `PortableNoise(seed + i)` (docs/CONTRACT.md)
+                for all of its noise, so image i of a batch is reproduced alone with seed + i
+                (AUTOMATIC1111's convention), and by the Node.js and browser hosts.
             scheduler: a name from `scheduler_names()` ("euler", "dpmpp_2m", ..., and
                 "dpmpp_2m_karras" etc. for Karras sigmas); default: the folder's scheduler.
             num_images: images per call (one batch).
@@ -366,26 +416,19 @@ class Pipeline:
             UsageError for an invalid request; SdportError if a component produces NaN/inf.
         """
         m = self.manifest
-        if not isinstance(prompt, str):
-            raise UsageError(f"prompt must be a string, got {type(prompt).__name__}")
         if negative_prompt is None:
             negative_prompt = ""
-        if not isinstance(negative_prompt, str):
-            raise UsageError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
-        steps = _positive_int("steps", steps)
-        num_images = _positive_int("num_images", num_images)
-        guidance = _finite("guidance", guidance)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+        check_request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                      seed=seed, num_images=num_images, strength=strength, image_to_image=image is not None)
+        steps, num_images, guidance = int(steps), int(num_images), float(guidance)
         if output not in ("pil", "np"):
             raise UsageError(f"output must be 'pil' or 'np', got {output!r}")
         name, config = self._scheduler(scheduler)
+        schedulers.schedule(name, config, steps)  # refuses steps > num_train_timesteps before any work
 
         source = None
         if image is not None:
-            strength = _finite("strength", strength)
-            if not 0 <= strength <= 1:
-                raise UsageError(f"strength must be in [0, 1], got {strength}")
+            strength = float(strength)
             if "vae_encoder" not in m.graphs:
                 raise ManifestError(f"{self.folder}: no vae_encoder graph, needed for image-to-image; re-export the model")
             source = imgs.load_image(image, self._say)
@@ -398,7 +441,7 @@ class Pipeline:
         height = m.default_image_size if height is None else height
         check_size(m, width, height)
         shape = (num_images, m.latent_channels, height // m.vae_scale, width // m.vae_scale)
-        seeded = _PerImage(seed, num_images)
+        seeded = BatchNoise(seed, num_images)
         noise_source = rng if rng is not None else seeded
 
         start_step = 0
@@ -436,7 +479,7 @@ class Pipeline:
         return np.repeat(hidden, count, axis=0)  # [neg x B; pos x B]
 
     def _encode_image(
-        self, pixels: np.ndarray, shape: tuple[int, ...], image_noise: np.ndarray | None, seeded: _PerImage,
+        self, pixels: np.ndarray, shape: tuple[int, ...], image_noise: np.ndarray | None, seeded: BatchNoise,
     ) -> np.ndarray:
         """VAE-encode and sample as diffusers' DiagonalGaussianDistribution: mean + std * noise."""
         with self._graph("vae_encoder") as graph:

@@ -234,6 +234,6 @@ def write_folder_plans(
             raise UsageError(plan["reason"])
         path = Path(out) if out is not None else plan_path(folder, scheduler, n)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(plan, indent=1) + "\n", encoding="utf-8")
+        path.write_text(json.dumps(plan) + "\n", encoding="utf-8")  # compact: UniPC-50 is 72 kB
         paths.append(path)
     return paths

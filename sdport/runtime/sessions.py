@@ -6,8 +6,11 @@ Options are set deliberately from what was measured on an SD 1.5-sized UNet and 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import mmap
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -221,6 +224,8 @@ def external_data_locations(path: Path) -> list[str]:
                                 _node_locations(buf, a, b, out)
             except _Truncated:
                 raise ManifestError(f"{path}: not a readable ONNX file (truncated?); re-export the model") from None
+            except RecursionError:  # subgraphs nested thousands deep: no real model does that
+                raise ManifestError(f"{path}: graphs nested too deeply to check; refusing to load it") from None
     return sorted(set(out))
 
 
@@ -277,16 +282,18 @@ class Graph:
         self.path = path
         self.provider = provider
         providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+        printed = io.StringIO()  # onnxruntime print()s its provider fallbacks to stdout
         try:
-            self.session = ort.InferenceSession(
-                str(path), sess_options=session_options(provider, fused), providers=providers
-            )
+            with contextlib.redirect_stdout(printed):
+                self.session = open_session(path, provider, fused, providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SdportError(
                 f"{name}: onnxruntime could not load {path} ({reason}); if it uses operators this "
                 f"onnxruntime lacks, re-export with --portable or upgrade onnxruntime"
             ) from exc
+        if printed.getvalue().strip():  # a fallback that worked: worth knowing, but not on stdout
+            print(" ".join(printed.getvalue().replace("*", "").split()), file=sys.stderr)
         self.inputs = _ports(self.session.get_inputs())
         self.outputs = _ports(self.session.get_outputs())
         self._device: dict[str, ort.OrtValue] = {}
@@ -328,3 +335,120 @@ class Graph:
             port.name: np.asarray(r, dtype=np.float32) if r.dtype == np.float16 else r
             for port, r in zip(self.outputs, results)
         }
+
+
+# --- pre-optimized graphs: optimized once, cached, then loaded as they are ----------------------
+# Graph optimization runs at every session creation (1.3 s for an SD 1.5 UNet at EXTENDED, 7-13 s
+# at ALL). Done once and saved with `optimized_model_filepath`, the saved graph loads in ~0.05 s
+# with optimizations off and weight prepacking off (memory-mapped weights stay shared; measured no
+# slower). EXTENDED, not ALL, is saved: ALL's NCHWc layouts ran the int8 UNet 2x slower and the
+# fp32 one no faster (bench_sd.py, 2 cores, 2026-11-25). A saved graph is tied to the CPU type and
+# the onnxruntime version, so both are in the cache key.
+
+ORT_CACHE_ENV = "SDPORT_ORT_CACHE"  # "0"/"off": never use the cache; a path: the cache folder
+
+
+def ort_cache_dir() -> Path | None:
+    """Where pre-optimized graphs are kept, or None when the cache is turned off."""
+    value = os.environ.get(ORT_CACHE_ENV, "")
+    if value.lower() in ("0", "off", "false", "no"):
+        return None
+    if value and value.lower() not in ("1", "on", "true", "yes"):
+        return Path(value)
+    root = os.environ.get("SDPORT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sdport"
+    )
+    return Path(root) / "ort"
+
+
+def _cpu_identity() -> str:
+    """CPU model and vector-extension flags: what a saved NCHWc graph depends on."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return f"{platform.machine()} {platform.processor()}"
+    model = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), "")
+    flags = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("flags")), "")
+    return f"{model}|{flags}"
+
+
+def graph_cache_key(path: Path, fused: bool) -> str:
+    """sha256 of the graph file, its data files' sizes and mtimes, onnxruntime and the CPU."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    digest.update(Path(path).read_bytes())  # the graph proto (weights are external on big graphs)
+    for location in external_data_locations(Path(path)):
+        stat = (Path(path).parent / location).stat()
+        digest.update(f"{location}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    level = session_options("cpu", fused).graph_optimization_level
+    digest.update(f"{ort.__version__}|{_cpu_identity()}|fused={fused}|level={level}|v2".encode())
+    return digest.hexdigest()[:32]
+
+
+def _preoptimize(path: Path, entry: Path, fused: bool) -> None:
+    """Writes the optimized graph of `path` to `entry`/model.onnx, atomically (temp + rename)."""
+    import json
+    import shutil
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.parent / f".{entry.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        options = session_options("cpu", fused)  # its optimization level is what gets saved
+        options.optimized_model_filepath = str(tmp / "model.onnx")
+        # Weights go to one data file beside it (an SD 1.5 UNet is over protobuf's 2 GB limit).
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx_data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        del session
+        (tmp / "source.json").write_text(json.dumps({"source": str(Path(path).resolve())}) + "\n")
+        # Entries made from this same source file are stale now: drop them (each is a full copy).
+        for old in entry.parent.iterdir():
+            if old.name.startswith(".") or old == entry:
+                continue
+            try:
+                if json.loads((old / "source.json").read_text()).get("source") == str(Path(path).resolve()):
+                    shutil.rmtree(old, ignore_errors=True)
+            except (OSError, ValueError):
+                continue
+        try:
+            tmp.rename(entry)
+        except OSError:  # another process finished the same entry first
+            if not (entry / "model.onnx").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def preoptimized_options(fused: bool) -> ort.SessionOptions:
+    """Options for loading a cached pre-optimized graph: nothing left to optimize, no prepacking."""
+    options = session_options("cpu", fused)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # Prepacking copies every weight into private packed buffers (~+1 GB on an SD 1.5 UNet);
+    # measured no slower without it on the pre-optimized graph.
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
+
+
+def open_session(path: Path, provider: str, fused: bool, providers: list[str]) -> ort.InferenceSession:
+    """An onnxruntime session for `path`; on CPU from the pre-optimized cache when possible.
+
+    Any failure of the cache (not writable, disk full, an onnxruntime that can't save) falls back
+    to optimizing at session creation, as without the cache.
+    """
+    cache = ort_cache_dir() if provider == "cpu" else None
+    if cache is not None:
+        try:
+            entry = cache / graph_cache_key(path, fused)
+            if not (entry / "model.onnx").is_file():
+                _preoptimize(path, entry, fused)
+            return ort.InferenceSession(
+                str(entry / "model.onnx"), sess_options=preoptimized_options(fused), providers=providers
+            )
+        except Exception:  # noqa: BLE001 - the cache is an optimization; the plain path reports errors
+            pass
+    return ort.InferenceSession(str(path), sess_options=session_options(provider, fused), providers=providers)

@@ -88,7 +88,8 @@ def _setup(name: str, config: Mapping[str, Any], steps: int) -> tuple[Sampler, d
     cfg = read_config(name, config, sampler.defaults, sampler.allowed)
     if steps > cfg["num_train_timesteps"]:
         raise UsageError(
-            f"scheduler {name!r}: {steps} steps exceed num_train_timesteps={cfg['num_train_timesteps']}"
+            f"scheduler {name!r}: {steps} steps exceed num_train_timesteps={cfg['num_train_timesteps']}; "
+            f"use at most {cfg['num_train_timesteps']} steps"
         )
     return sampler, cfg, sampler.schedule(cfg, int(steps))
 

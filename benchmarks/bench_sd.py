@@ -1,0 +1,502 @@
+"""sdport vs diffusers/PyTorch on the same weights, side by side in one run: time, memory, size.
+
+    python benchmarks/bench_sd.py --model tiny|sd15 [--sizes 256,512] [--steps N] [--image-size S]
+                                  [--out benchmarks/results/sd.json] [--skip-install] [--no-int8]
+
+Every measurement runs in a fresh subprocess (peak RSS = that process's ru_maxrss from wait4), with
+PyTorch and onnxruntime at the same thread count (one per physical core, sdport's default), after
+a warm-up, median of --runs runs. Ratios are sdport / reference from this same run: the machine
+is shared and noisy, so compare ratios, not absolute times across runs.
+
+  unet step     one UNet evaluation, batch 2 (classifier-free guidance), fp32 (and int8), per size
+  text-to-image --steps steps at --image-size: cold = process start to PNG written (imports and
+                sessions included), warm = a second image in the same process
+  memory        peak RSS of each process; sdport's low_memory mode (one component at a time)
+  overhead      sdport's scheduler + Python time per step, as a share of the step
+  install       a fresh venv with sdport's base install vs one that can run diffusers (cached)
+  int8 error    the int8 folder's image against the fp32 folder's, same seed
+
+The SD 1.5-sized model (random weights, benchmarks/sd15_model.py) is built and exported once and
+cached outside the repository. With --model sd15, each measurement takes /tmp/sd15.lock (flock) so
+that no two SD 1.5-sized runs on a shared machine overlap; don't wrap this script in flock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+PROMPT = "a photograph of an astronaut riding a horse"
+SEED = 0
+GUIDANCE = 7.5
+
+
+# --- workers: each runs in its own process and prints one JSON line ----------------------------
+
+
+def _threads() -> int:
+    from sdport.runtime.sessions import physical_cores
+
+    return physical_cores()
+
+
+def _torch_setup():
+    import torch
+
+    torch.set_num_threads(_threads())  # the same count as onnxruntime's intra-op pool
+    torch.set_grad_enabled(False)
+    return torch
+
+
+def worker_unet_torch(model: str, size: int, runs: int) -> dict:
+    torch = _torch_setup()
+    from diffusers import UNet2DConditionModel
+
+    t0 = time.perf_counter()
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").eval()
+    load = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(0)
+    latent = size // 8
+    sample = torch.randn(2, unet.config.in_channels, latent, latent, generator=g)
+    hidden = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    timestep = torch.tensor(500.0)
+    times = []
+    with torch.inference_mode():
+        for _ in range(runs + 1):  # the first is the warm-up
+            t = time.perf_counter()
+            unet(sample, timestep, encoder_hidden_states=hidden)
+            times.append(time.perf_counter() - t)
+    return {"load_s": load, "warmup_s": times[0], "times_s": times[1:]}
+
+
+def worker_unet_sdport(folder: str, size: int, runs: int) -> dict:
+    import numpy as np
+
+    from sdport.models.manifest import read_manifest
+    from sdport.runtime.sessions import Graph, check_graph_files
+
+    manifest = read_manifest(Path(folder))
+    spec = manifest.graphs["unet"]
+    t0 = time.perf_counter()
+    graph = Graph("unet", check_graph_files(Path(folder), spec.file), "cpu", spec.optimization == "ort")
+    create = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    latent = size // manifest.vae_scale
+    port = graph.input("timestep")
+    feeds = {
+        "sample": rng.standard_normal((2, manifest.latent_channels, latent, latent), dtype=np.float32),
+        "timestep": np.full(tuple(d if isinstance(d, int) else 1 for d in port.shape), 500, dtype=port.dtype),
+        "encoder_hidden_states": rng.standard_normal((2, manifest.max_tokens, manifest.text_embed_dim), dtype=np.float32),
+    }
+    times = []
+    for _ in range(runs + 1):
+        t = time.perf_counter()
+        graph.run(feeds)
+        times.append(time.perf_counter() - t)
+    return {"create_s": create, "warmup_s": times[0], "times_s": times[1:]}
+
+
+def worker_t2i_diffusers(model: str, size: int, steps: int, png: str, warm: bool) -> dict:
+    torch = _torch_setup()
+    from diffusers import StableDiffusionPipeline
+
+    t0 = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    load = time.perf_counter() - t0
+
+    def one(path: str) -> float:
+        t = time.perf_counter()
+        image = pipe(PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, height=size, width=size,
+                     generator=torch.Generator().manual_seed(SEED)).images[0]
+        image.save(path)
+        return time.perf_counter() - t
+
+    first = one(png)
+    png_at = time.time()
+    return {"load_s": load, "first_s": first, "png_at": png_at, "warm_s": one(png + ".warm.png") if warm else None}
+
+
+def worker_t2i_sdport(folder: str, size: int, steps: int, png: str, warm: bool, low_memory: bool) -> dict:
+    import numpy as np
+    import onnxruntime as ort
+
+    from sdport.runtime import images as imgs
+    from sdport.runtime.pipeline import Pipeline
+
+    # Time inside onnxruntime during denoising: the rest of a step is scheduler + Python overhead.
+    inside = {"on": False, "s": 0.0, "calls": 0}
+    run = ort.InferenceSession.run
+
+    def timed_run(self, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            if inside["on"]:
+                inside["s"] += time.perf_counter() - t
+                inside["calls"] += 1
+
+    ort.InferenceSession.run = timed_run
+    denoise = Pipeline._denoise
+    loops = []
+
+    def timed_denoise(self, *args, **kwargs):
+        inside.update(on=True, s=0.0, calls=0)
+        t = time.perf_counter()
+        try:
+            return denoise(self, *args, **kwargs)
+        finally:
+            loops.append({"loop_s": time.perf_counter() - t, "unet_s": inside["s"], "evals": inside["calls"]})
+            inside["on"] = False
+
+    Pipeline._denoise = timed_denoise
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(folder, provider="cpu", low_memory=low_memory)
+    load = time.perf_counter() - t0
+
+    def one(path: str) -> tuple[float, np.ndarray]:
+        t = time.perf_counter()
+        pixels = pipe.generate(PROMPT, steps=steps, guidance=GUIDANCE, width=size, height=size, seed=SEED,
+                               output="np", progress=False)
+        imgs.to_pil(pixels)[0].save(path)
+        return time.perf_counter() - t, pixels
+
+    first, pixels = one(png)
+    png_at = time.time()
+    np.save(png + ".npy", pixels)
+    result = {"load_s": load, "first_s": first, "png_at": png_at, "warm_s": None}
+    if warm:
+        result["warm_s"] = one(png + ".warm.png")[0]
+    loop = loops[-1]
+    result["overhead_s_per_step"] = (loop["loop_s"] - loop["unet_s"]) / max(loop["evals"], 1)
+    result["overhead_share"] = (loop["loop_s"] - loop["unet_s"]) / loop["loop_s"]
+    result["step_s"] = loop["loop_s"] / max(loop["evals"], 1)
+    return result
+
+
+def worker_load_sdport(folder: str) -> dict:
+    """Loads every session once (on CPU this builds the pre-optimized cache the first time)."""
+    from sdport.runtime.pipeline import Pipeline
+
+    t0 = time.perf_counter()
+    Pipeline.load(folder, provider="cpu")
+    return {"load_s": time.perf_counter() - t0}
+
+
+WORKERS = {name[len("worker_"):]: fn for name, fn in globals().items() if name.startswith("worker_")}
+
+
+# --- the parent: spawn, lock, collect ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _lock(path: str | None):
+    if not path:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def spawn(worker: str, lock: str | None, env: dict | None = None, **kwargs) -> dict:
+    """Runs one worker in a fresh Python; adds wall_s and started_at (the worker adds its peak RSS)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--args", json.dumps(kwargs)]
+    with _lock(lock):
+        started = time.time()
+        process = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
+        wall = time.time() - started
+    if process.returncode != 0:
+        raise RuntimeError(f"{worker} {kwargs} failed:\n{process.stderr[-3000:]}")
+    result = json.loads(process.stdout.strip().splitlines()[-1])
+    result.update(wall_s=wall, started_at=started)
+    return result
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set: VmHWM, not ru_maxrss (which on Linux starts from the
+    parent's peak at fork, so every worker would report at least its parent's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # KiB
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _run_worker(name: str, args: dict) -> None:
+    result = WORKERS[name](**args)
+    result["peak_rss_mb"] = peak_rss_mb()  # imports and sessions included
+    print(json.dumps(result))
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+def _cache() -> Path:
+    root = os.environ.get("SDPORT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sdport")
+    return Path(root)
+
+
+def prepare(model: str, onnx: Path | None, int8: Path | None, want_int8: bool) -> tuple[Path, Path, Path | None]:
+    """(diffusers folder, fp32 sdport folder, int8 sdport folder or None), built once and cached."""
+    if model == "tiny":
+        root = _cache() / "bench-tiny"
+        diffusers_dir = root / "diffusers"
+        if not (diffusers_dir / "model_index.json").exists():
+            from sdport.export.tiny import write_tiny_model
+
+            write_tiny_model(diffusers_dir)
+    else:
+        from sd15_model import build_sd15_random
+
+        diffusers_dir = build_sd15_random()
+        root = _cache() / "bench-sd15"
+    onnx = onnx or root / "onnx"
+    if not (onnx / "sdport.json").exists():
+        print(f"exporting {diffusers_dir} -> {onnx} (once)", file=sys.stderr)
+        from sdport.export.folder import export_model
+
+        export_model(diffusers_dir, onnx)
+    if not want_int8:
+        return diffusers_dir, onnx, None
+    int8 = int8 or root / "int8"
+    if not (int8 / "sdport.json").exists():
+        print(f"quantizing {onnx} -> {int8} (once)", file=sys.stderr)
+        from sdport.export.quantize import quantize_model
+
+        quantize_model(onnx, int8)
+    return diffusers_dir, onnx, int8
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                   if l.startswith("model name"))
+    import onnxruntime
+
+    versions = {"onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package in ("torch", "diffusers"):  # not imported: the parent stays small
+        with contextlib.suppress(PackageNotFoundError):
+            versions[package] = version(package)
+    mem = 0
+    with contextlib.suppress(OSError, StopIteration):
+        mem = int(next(l.split()[1] for l in Path("/proc/meminfo").read_text().splitlines()
+                       if l.startswith("MemTotal"))) / 1024 / 1024
+    return {"cpu": cpu, "threads": _threads(), "ram_gb": round(mem, 1), "os": platform.platform(),
+            "cuda": "none on this machine (no GPU table)", **versions}
+
+
+def bench(args) -> dict:
+    lock = args.lock if args.model == "sd15" else None
+    diffusers_dir, onnx, int8 = prepare(args.model, args.onnx, args.int8, not args.no_int8)
+    folders = {"fp32": onnx, **({"int8": int8} if int8 else {})}
+    out_dir = args.out.parent / f"{args.model}-images"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"model": args.model, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
+              "folders": {"diffusers": str(diffusers_dir), **{k: str(v) for k, v in folders.items()}},
+              "steps": args.steps, "image_size": args.image_size, "runs": args.runs}
+
+    def say(message: str) -> None:  # and keep what is measured so far, should a later stage fail
+        print(message, file=sys.stderr, flush=True)
+        args.out.with_suffix(".partial.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    # 0. the first-ever load builds the pre-optimized session cache; later loads use it.
+    result["first_load"] = {}
+    for name, folder in folders.items():
+        result["first_load"][name] = spawn("load_sdport", lock, folder=str(folder))
+        say(f"first load {name}: {result['first_load'][name]['load_s']:.1f} s (builds the session cache if missing)")
+
+    # 1. UNet step, batch 2.
+    result["unet"] = {}
+    for size in args.sizes:
+        row = {"torch": spawn("unet_torch", lock, model=str(diffusers_dir), size=size, runs=args.runs)}
+        for name, folder in folders.items():
+            row[name] = spawn("unet_sdport", lock, folder=str(folder), size=size, runs=args.runs)
+        if size == args.sizes[0]:
+            row["fp32_no_cache"] = spawn("unet_sdport", lock, env={"SDPORT_ORT_CACHE": "0"}, folder=str(onnx),
+                                         size=size, runs=args.runs)
+        for r in row.values():
+            r["median_s"] = median(r["times_s"])
+        result["unet"][str(size)] = row
+        say(f"unet {size}px: " + ", ".join(f"{k} {v['median_s']:.3f} s" for k, v in row.items()))
+
+    # 2. text-to-image, cold and warm; low_memory; without the session cache.
+    size, steps = args.image_size, args.steps
+    t2i = {"diffusers": spawn("t2i_diffusers", lock, model=str(diffusers_dir), size=size, steps=steps,
+                              png=str(out_dir / "diffusers.png"), warm=True)}
+    for name, folder in folders.items():
+        t2i[name] = spawn("t2i_sdport", lock, folder=str(folder), size=size, steps=steps,
+                          png=str(out_dir / f"sdport-{name}.png"), warm=True, low_memory=False)
+    t2i["fp32_low_memory"] = spawn("t2i_sdport", lock, folder=str(onnx), size=size, steps=steps,
+                                   png=str(out_dir / "sdport-fp32-low-memory.png"), warm=False, low_memory=True)
+    if int8:
+        t2i["int8_low_memory"] = spawn("t2i_sdport", lock, folder=str(int8), size=size, steps=steps,
+                                       png=str(out_dir / "sdport-int8-low-memory.png"), warm=False, low_memory=True)
+    t2i["fp32_no_cache"] = spawn("t2i_sdport", lock, env={"SDPORT_ORT_CACHE": "0"}, folder=str(onnx), size=size,
+                                 steps=steps, png=str(out_dir / "sdport-fp32-no-cache.png"), warm=False,
+                                 low_memory=False)
+    for r in t2i.values():
+        r["cold_s"] = r["png_at"] - r["started_at"]
+    result["t2i"] = t2i
+    say("text-to-image: " + ", ".join(f"{k} cold {v['cold_s']:.1f} s" for k, v in t2i.items()))
+
+    # 3. int8 image error against fp32, same seed and noise ([0, 1] pixels).
+    if int8:
+        import numpy as np
+
+        a = np.load(out_dir / "sdport-fp32.png.npy")
+        b = np.load(out_dir / "sdport-int8.png.npy")
+        mse = float(np.mean((a - b) ** 2))
+        result["int8_image_error"] = {"max_abs": float(np.max(np.abs(a - b))), "mean_abs": float(np.mean(np.abs(a - b))),
+                                      "psnr_db": float(10 * np.log10(1.0 / mse)) if mse > 0 else float("inf")}
+
+    # 4. install size (cached: creating two venvs takes minutes).
+    if not args.skip_install:
+        from install_size import measure
+
+        result["install"] = measure(args.out.parent / "install.json")
+    result["ratios"] = ratios(result)
+    return result
+
+
+def ratios(r: dict) -> dict:
+    """sdport / reference for every target (below 1 is better for all of them)."""
+    out = {}
+    for size, row in r["unet"].items():
+        for name in ("fp32", "int8"):
+            if name in row:
+                out[f"unet_{size}_{name}_time"] = row[name]["median_s"] / row["torch"]["median_s"]
+                out[f"unet_{size}_{name}_rss"] = row[name]["peak_rss_mb"] / row["torch"]["peak_rss_mb"]
+    ref = r["t2i"]["diffusers"]
+    for name, t in r["t2i"].items():
+        if name == "diffusers":
+            continue
+        out[f"t2i_{name}_cold"] = t["cold_s"] / ref["cold_s"]
+        if t.get("warm_s"):
+            out[f"t2i_{name}_warm"] = t["warm_s"] / ref["warm_s"]
+        out[f"t2i_{name}_rss"] = t["peak_rss_mb"] / ref["peak_rss_mb"]
+    if "install" in r:
+        out["install_size"] = r["install"]["ratio"]
+    return out
+
+
+def table(r: dict) -> str:
+    """Markdown table: each row a measurement, reference and sdport side by side, with ratios."""
+    lines = [f"Model: {r['model']}; {r['machine']['cpu']}, {r['machine']['threads']} threads for both; "
+             f"{r['date']}; median of {r['runs']} runs after a warm-up; text-to-image {r['steps']} steps "
+             f"at {r['image_size']}x{r['image_size']}, guidance {GUIDANCE}.", "",
+             "| measurement | diffusers / PyTorch | sdport fp32 | ratio | sdport int8 | ratio | target |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cell(value, fmt):
+        return "-" if value is None else fmt.format(value)
+
+    def row(label, ref, fp32, int8, fmt, target):
+        ratio = lambda v: cell(v / ref if (v is not None and ref) else None, "{:.2f}x")  # noqa: E731
+        lines.append(f"| {label} | {cell(ref, fmt)} | {cell(fp32, fmt)} | {ratio(fp32)} | {cell(int8, fmt)} | "
+                     f"{ratio(int8)} | {target} |")
+
+    get = lambda d, *keys: (d.get(keys[0]) if len(keys) == 1 else get(d.get(keys[0], {}), *keys[1:])) if d else None  # noqa: E731
+    for size, u in r["unet"].items():
+        row(f"UNet step, batch 2, {size}px (s)", u["torch"]["median_s"], u["fp32"]["median_s"],
+            get(u, "int8", "median_s"), "{:.3f}", "<= 0.67x")
+        row(f"UNet peak RSS, {size}px (MB)", u["torch"]["peak_rss_mb"], u["fp32"]["peak_rss_mb"],
+            get(u, "int8", "peak_rss_mb"), "{:.0f}", "")
+    t = r["t2i"]
+    row("UNet session create / torch load (s)", r["unet"][next(iter(r["unet"]))]["torch"]["load_s"],
+        r["unet"][next(iter(r["unet"]))]["fp32"]["create_s"], get(r["unet"][next(iter(r["unet"]))], "int8", "create_s"),
+        "{:.2f}", "")
+    row("  same, session cache off (s)", None, r["unet"][next(iter(r["unet"]))]["fp32_no_cache"]["create_s"], None,
+        "{:.2f}", "")
+    row("text-to-image warm (s)", t["diffusers"]["warm_s"], t["fp32"]["warm_s"], get(t, "int8", "warm_s"), "{:.1f}",
+        "<= 0.77x")
+    row("text-to-image cold, process start to PNG (s)", t["diffusers"]["cold_s"], t["fp32"]["cold_s"],
+        get(t, "int8", "cold_s"), "{:.1f}", "<= 0.5x")
+    row("  same, session cache off (s)", t["diffusers"]["cold_s"], t["fp32_no_cache"]["cold_s"], None, "{:.1f}", "")
+    row("text-to-image peak RSS (MB)", t["diffusers"]["peak_rss_mb"], t["fp32"]["peak_rss_mb"],
+        get(t, "int8", "peak_rss_mb"), "{:.0f}", "<= 0.8x")
+    row("  low_memory (one component at a time) (MB)", t["diffusers"]["peak_rss_mb"],
+        t["fp32_low_memory"]["peak_rss_mb"], get(t, "int8_low_memory", "peak_rss_mb"), "{:.0f}", "well below 0.8x")
+    lines.append(f"| scheduler + Python overhead per step | - | {t['fp32']['overhead_s_per_step'] * 1000:.1f} ms = "
+                 f"{100 * t['fp32']['overhead_share']:.3f}% of a {t['fp32']['step_s']:.2f} s step | | "
+                 + (f"{100 * t['int8']['overhead_share']:.3f}%" if "int8" in t else "-") + " | | < 1% |")
+    if "install" in r:
+        i = r["install"]
+        lines.append(f"| install size, fresh venv (MB) | {i['diffusers']['mb']:.0f} (torch {r['machine'].get('torch', '')}, "
+                     f"diffusers, transformers) | {i['sdport']['mb']:.0f} (base install) | {i['ratio']:.2f}x | | | "
+                     f"< 300 MB |")
+    if "int8_image_error" in r:
+        e = r["int8_image_error"]
+        lines.append(f"| int8 image vs fp32 image ([0,1] pixels) | | | | max {e['max_abs']:.3f}, mean "
+                     f"{e['mean_abs']:.4f}, PSNR {e['psnr_db']:.1f} dB | | printed |")
+    lines.append(f"| first-ever load (builds the session cache) (s) | | {r['first_load']['fp32']['load_s']:.1f} | | "
+                 f"{cell(get(r['first_load'], 'int8', 'load_s'), '{:.1f}')} | | once per model and CPU |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--sizes", default="256,512", help="UNet step sizes in pixels, comma-separated")
+    parser.add_argument("--steps", type=int, default=None, help="text-to-image steps (default: 5 sd15, 10 tiny)")
+    parser.add_argument("--image-size", type=int, default=None, help="text-to-image size (default: 512 sd15, 64 tiny)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per UNet measurement (after a warm-up)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/<model>.json)")
+    parser.add_argument("--onnx", type=Path, default=None, help="an existing sdport fp32 export of the model")
+    parser.add_argument("--int8", type=Path, default=None, help="an existing int8 folder (sdport quantize)")
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8 folder")
+    parser.add_argument("--skip-install", action="store_true", help="skip the install-size measurement")
+    parser.add_argument("--lock", default="/tmp/sd15.lock", help="flock file taken per sd15 measurement")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--args", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        _run_worker(args.worker, json.loads(args.args))
+        return
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    args.steps = args.steps or (5 if args.model == "sd15" else 10)
+    args.image_size = args.image_size or (512 if args.model == "sd15" else 64)
+    args.out = args.out or REPO / "benchmarks" / "results" / f"{args.model}.json"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = bench(args)
+    result["table"] = table(result)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
+    print(result["table"])
+    print("\nratios (sdport / reference): " + ", ".join(f"{k} {v:.2f}" for k, v in result["ratios"].items()))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
