@@ -33,6 +33,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -320,7 +321,7 @@ def bench(args) -> dict:
     lock = args.lock if args.model == "sd15" else None
     diffusers_dir, onnx, int8 = prepare(args.model, args.onnx, args.int8, not args.no_int8)
     folders = {"fp32": onnx, **({"int8": int8} if int8 else {})}
-    out_dir = args.out.parent / f"{args.model}-images"
+    out_dir = Path(tempfile.gettempdir()) / f"sdport-bench-{args.model}-images"  # PNGs and arrays: not in the repo
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"model": args.model, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),

@@ -51,6 +51,8 @@ def fuse_for_onnxruntime(src: Path, dst: Path, component: str) -> str | None:
     """
     from onnxruntime.transformers import optimizer
 
+    from sdport.export.attention import unpack_self_attention
+
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     # Its own progress bar would interleave with ours; the stage line reports the time.
     with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
@@ -62,6 +64,7 @@ def fuse_for_onnxruntime(src: Path, dst: Path, component: str) -> str | None:
             optimization_options=_cpu_safe_options(component),
             opt_level=0,
         )
+    unpack_self_attention(fused.model)  # CPU flash attention instead of full score matrices
     return save_model(fused.model, dst)
 
 
