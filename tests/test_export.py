@@ -199,3 +199,13 @@ def test_cli_tiny_then_export_shows_progress(tmp_path: Path, capsys):
     assert main(["export", str(tmp_path / "sd"), str(tmp_path / "onnx"), "--no-optimize"]) == 0
     err = capsys.readouterr().err
     assert "[1/4] text_encoder" in err and "[4/4] vae_encoder" in err and "max error" in err
+
+
+def test_optimizer_crash_is_one_error_naming_the_stage(tiny_diffusers_dir: Path, tmp_path: Path, monkeypatch):
+    def crash(*_args, **_kwargs):
+        raise ValueError("Failed to serialize proto\nmore detail")
+
+    monkeypatch.setattr(export_folder.optimize, "fuse_for_onnxruntime", crash)
+    with pytest.raises(SdportError, match=r"^text_encoder \(fused\): ValueError: Failed to serialize proto; try"):
+        export_model(tiny_diffusers_dir, tmp_path / "out", report=None)
+    assert list(tmp_path.iterdir()) == []

@@ -128,7 +128,18 @@ class _Stages:
 
     def run(self, label: str, make: Callable[[Path], object], path: Path, tolerance: float) -> Path:
         start = time.perf_counter()
-        make(path)
+        try:
+            make(path)
+        except (SdportError, OSError, MemoryError):
+            raise  # already say what and where (disk full, ...)
+        except Exception as exc:  # the exporter's or optimizer's own failure: name the stage
+            if "No space left" in str(exc):
+                raise  # a full disk reported by a C++ writer: export_model says so in one line
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise SdportError(
+                f"{self.name} ({label}): {type(exc).__name__}: {detail}; try --no-optimize, or "
+                "report this with the model's configs"
+            ) from exc
         self.parity[label] = check_parity(self.name, path, self.cases, tolerance=tolerance, stage=label)
         self.report(
             f"  {self.name}: {label:<10} {time.perf_counter() - start:6.1f} s, "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from sdport.export.onnx_files import EXTERNAL_DATA_THRESHOLD, load_model, save_model, weights_bytes
+from sdport.export.onnx_files import load_model, save_model
 
 # onnxruntime.transformers' model types for each of our graphs.
 ORT_MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
@@ -73,9 +73,9 @@ def to_fp16(src: Path, dst: Path) -> str | None:
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = OnnxModel(load_model(src))
-    big = weights_bytes(model.model) >= EXTERNAL_DATA_THRESHOLD
-    # Symbolic shape inference needs the whole proto in memory; skip it on >2 GB graphs.
-    model.convert_float_to_float16(use_symbolic_shape_infer=not big, keep_io_types=True)
+    # Symbolic shape inference, not onnx's: onnx's serializes the proto, which fails over 2 GB
+    # (an SD 1.5 UNet), and it does not know onnxruntime's fused operators.
+    model.convert_float_to_float16(use_symbolic_shape_infer=True, keep_io_types=True)
     return save_model(model.model, dst)
 
 
