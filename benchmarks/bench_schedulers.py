@@ -24,19 +24,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sdport.models.families import scheduler_config  # noqa: E402
 from sdport.runtime.schedulers import available, denoise  # noqa: E402
 
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "steps_offset": 1,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "clip_sample": False,
-}
+SD15 = scheduler_config("sd1")  # the v1-5 scheduler config sdport ships
 SHAPES = ((1, 4, 64, 64), (2, 4, 128, 128))
 
 

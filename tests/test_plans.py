@@ -23,20 +23,10 @@ from sdport.runtime.plans import (
     sampling_plan,
     write_folder_plans,
 )
+from sdport.models.families import scheduler_config
 from sdport.runtime.schedulers import SAMPLERS, available, denoise, schedule
 
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "steps_offset": 1,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "clip_sample": False,
-    "trained_betas": None,
-}
+SD15 = scheduler_config("sd1")  # the v1-5 scheduler config sdport ships
 KARRAS = tuple(n for n in available() if "use_karras_sigmas" in SAMPLERS[n].defaults)
 STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde", "lcm")
 SHAPE = (1, 4, 8, 8)

@@ -44,6 +44,7 @@ from diffusers.schedulers import (  # noqa: E402
 from diffusers import LMSDiscreteScheduler  # noqa: E402  (needs scipy, in the test extra)
 
 from sdport.errors import UsageError  # noqa: E402
+from sdport.models.families import scheduler_config  # noqa: E402
 from sdport.runtime.schedulers import add_noise, available, denoise, name_for_config, schedule  # noqa: E402
 
 # diffusers' np.array(tensor) calls trip NumPy 2's copy-keyword deprecation on every schedule.
@@ -60,19 +61,7 @@ ATOL = 1e-5  # times max(1, max |x|)
 def assert_close(ours: np.ndarray, ref: np.ndarray, atol: float = ATOL) -> None:
     np.testing.assert_allclose(ours, ref, rtol=RTOL, atol=atol * max(1.0, float(np.abs(ref).max())))
 
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "steps_offset": 1,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "clip_sample": False,
-    "trained_betas": None,
-}
+SD15 = scheduler_config("sd1")  # the v1-5 scheduler config sdport ships
 
 # name -> (diffusers class, config keys the name itself fixes)
 REFERENCE = {

@@ -10,21 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdport.export.clip_vocab import BOS, EOS, clip_vocab_and_merges
-
-# SD 1.x's own scheduler config (PNDM with skip_prk_steps, as the v1-5 repository ships it).
-SD1_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "trained_betas": None,
-    "skip_prk_steps": True,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-}
+from sdport.models.families import scheduler_config
 
 TINY_TEXT_ENCODER = dict(
     vocab_size=49408,
@@ -84,7 +70,7 @@ def build_tiny_pipeline(seed: int = 0):
         vocab=vocab, merges=[tuple(m.split()) for m in merges], bos_token=BOS, eos_token=EOS,
         unk_token=EOS, pad_token=EOS, model_max_length=77,
     )
-    scheduler = PNDMScheduler.from_config(SD1_SCHEDULER)
+    scheduler = PNDMScheduler.from_config(scheduler_config("sd1"))  # SD 1.x's own
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -6,6 +6,7 @@ component configs for it, so that a single-file checkpoint loads without fetchin
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,3 +67,9 @@ def family_for_embed_dim(dim: int) -> str:
         if spec.text_embed_dim == dim:
             return spec.name
     return CUSTOM
+
+
+def scheduler_config(family: str) -> dict:
+    """The family's shipped diffusers scheduler config (SD 1.x: PNDM with skip_prk_steps)."""
+    path = FAMILIES[family].config_path / "scheduler" / "scheduler_config.json"
+    return json.loads(path.read_text(encoding="utf-8"))
