@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -73,6 +75,9 @@ def test_png_parameters_and_no_clobber(tmp_path):
     with Image.open(path) as image:
         assert image.size == (20, 20) and image.text["parameters"] == "other"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]  # no temp files left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
 
 
 def test_output_paths(tmp_path):

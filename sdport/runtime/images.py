@@ -152,6 +152,10 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: str, overw
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
+        # mkstemp makes the file private (0600); an image gets the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         if overwrite:
             os.replace(tmp, path)
         else:
