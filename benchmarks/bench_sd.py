@@ -111,20 +111,23 @@ def worker_unet_sdport(folder: str, size: int, runs: int) -> dict:
     return {"create_s": create, "warmup_s": times[0], "times_s": times[1:]}
 
 
-def worker_t2i_diffusers(model: str, size: int, steps: int, png: str, warm: bool) -> dict:
+def worker_t2i_diffusers(model: str, size: int, steps: int, png: str, warm: bool, device: str = "cpu",
+                         fp16: bool = False) -> dict:
     torch = _torch_setup()
     from diffusers import StableDiffusionPipeline
 
     t0 = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    dtype = torch.float16 if fp16 else torch.float32
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False,
+                                                   torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     load = time.perf_counter() - t0
 
     def one(path: str) -> float:
         t = time.perf_counter()
         image = pipe(PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, height=size, width=size,
-                     generator=torch.Generator().manual_seed(SEED)).images[0]
-        image.save(path)
+                     generator=torch.Generator(device).manual_seed(SEED)).images[0]
+        image.save(path)  # to a PIL image and PNG: the pipeline's output has crossed to the host
         return time.perf_counter() - t
 
     first = one(png)
@@ -132,7 +135,8 @@ def worker_t2i_diffusers(model: str, size: int, steps: int, png: str, warm: bool
     return {"load_s": load, "first_s": first, "png_at": png_at, "warm_s": one(png + ".warm.png") if warm else None}
 
 
-def worker_t2i_sdport(folder: str, size: int, steps: int, png: str, warm: bool, low_memory: bool) -> dict:
+def worker_t2i_sdport(folder: str, size: int, steps: int, png: str, warm: bool, low_memory: bool,
+                      provider: str = "cpu") -> dict:
     import numpy as np
     import onnxruntime as ort
 
@@ -140,19 +144,22 @@ def worker_t2i_sdport(folder: str, size: int, steps: int, png: str, warm: bool, 
     from sdport.runtime.pipeline import Pipeline
 
     # Time inside onnxruntime during denoising: the rest of a step is scheduler + Python overhead.
+    # (CUDA runs go through run_with_iobinding, CPU ones through run.)
     inside = {"on": False, "s": 0.0, "calls": 0}
-    run = ort.InferenceSession.run
 
-    def timed_run(self, *args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return run(self, *args, **kwargs)
-        finally:
-            if inside["on"]:
-                inside["s"] += time.perf_counter() - t
-                inside["calls"] += 1
+    def timed(run):
+        def timed_run(self, *args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return run(self, *args, **kwargs)
+            finally:
+                if inside["on"]:
+                    inside["s"] += time.perf_counter() - t
+                    inside["calls"] += 1
+        return timed_run
 
-    ort.InferenceSession.run = timed_run
+    ort.InferenceSession.run = timed(ort.InferenceSession.run)
+    ort.InferenceSession.run_with_iobinding = timed(ort.InferenceSession.run_with_iobinding)
     denoise = Pipeline._denoise
     loops = []
 
@@ -167,7 +174,7 @@ def worker_t2i_sdport(folder: str, size: int, steps: int, png: str, warm: bool, 
 
     Pipeline._denoise = timed_denoise
     t0 = time.perf_counter()
-    pipe = Pipeline.load(folder, provider="cpu", low_memory=low_memory)
+    pipe = Pipeline.load(folder, provider=provider, low_memory=low_memory)
     load = time.perf_counter() - t0
 
     def one(path: str) -> tuple[float, np.ndarray]:
@@ -218,9 +225,10 @@ def _lock(path: str | None):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def spawn(worker: str, lock: str | None, env: dict | None = None, **kwargs) -> dict:
-    """Runs one worker in a fresh Python; adds wall_s and started_at (the worker adds its peak RSS)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--args", json.dumps(kwargs)]
+def spawn(worker: str, lock: str | None, env: dict | None = None, script: str = __file__, **kwargs) -> dict:
+    """Runs one worker of `script` in a fresh Python; adds wall_s and started_at (the worker adds
+    its peak RSS)."""
+    command = [sys.executable, str(Path(script).resolve()), "--worker", worker, "--args", json.dumps(kwargs)]
     with _lock(lock):
         started = time.time()
         process = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})

@@ -62,6 +62,8 @@ def resolve_provider(provider: str, say: Say | None = None) -> str:
         chosen = have[0] if have else "cpu"
         if say:
             say(f"provider: {chosen} ({PROVIDERS[chosen]}; available: {', '.join(have)})")
+        if chosen == "cuda":
+            _preload_cuda_libraries()
         return chosen
     if provider not in PROVIDERS:
         raise UsageError(
@@ -73,7 +75,22 @@ def resolve_provider(provider: str, say: Say | None = None) -> str:
             f"provider {provider!r} ({PROVIDERS[provider]}) is not installed in this onnxruntime "
             f"(available: {', '.join(have) or 'none'}); {INSTALL_HINT[provider]}, or use --provider auto"
         )
+    if provider == "cuda":
+        _preload_cuda_libraries()
     return provider
+
+
+def _preload_cuda_libraries() -> None:
+    """Loads CUDA and cuDNN from pip's nvidia-* packages (`onnxruntime-gpu[cuda,cudnn]`), which the
+    dynamic loader would not find by itself; libraries found on the default paths load as before."""
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime-gpu 1.21+
+    if preload is None:
+        return
+    with contextlib.redirect_stdout(io.StringIO()):  # it print()s each library it could not load
+        try:
+            preload()
+        except Exception:  # noqa: BLE001 - a failure here shows up, clearly, at session creation
+            pass
 
 
 def physical_cores() -> int:

@@ -1,0 +1,363 @@
+"""The GPU table: sdport on onnxruntime's CUDA provider vs diffusers fp16 on the same GPU and weights.
+
+    python benchmarks/bench_gpu.py --model <diffusers folder> --onnx <sdport --fp16 export>
+                                   [--sizes 256,512] [--steps 20] [--runs 10] [--out gpu.json]
+
+Needs onnxruntime-gpu (`pip install 'sdport[gpu]'`), torch with CUDA and diffusers. As bench_sd.py,
+every measurement runs in a fresh process; ratios are sdport / diffusers from this same run.
+
+  unet step       one UNet evaluation, batch 2 (guidance), fp16, median of --runs after warm-ups:
+                  diffusers eager (its default SDPA attention) vs sdport's graph as the pipeline
+                  runs it (I/O binding, the text embeddings kept on the GPU, latents copied in and
+                  out per step), and the same graph captured once as a CUDA graph
+  unet parity     max |sdport - diffusers| of that step's output, relative to max |diffusers|
+  text-to-image   --steps steps (each side's default scheduler, PNDM for SD 1.5) at --image-size:
+                  cold = process start to PNG written, warm = a second image in the same process
+  GPU memory      peak device memory in use while the process ran, minus what was in use before
+                  (NVML, sampled every 5 ms; the CUDA context is counted on both sides)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import bench_sd  # noqa: E402  (after the path setup)
+
+WARMUPS = 3
+# `--dry-run` runs the same code on CPU (fp32 torch, onnxruntime's CPU provider, no memory
+# sampling) on a small model, to check the script before spending GPU time.
+DEVICE = os.environ.get("SDPORT_BENCH_DEVICE", "cuda")
+PROVIDER = "cuda" if DEVICE == "cuda" else "cpu"
+
+
+@contextlib.contextmanager
+def gpu_memory_peak(result: dict):
+    """Samples the device's used memory in a thread; stores the peak above the starting level."""
+    if DEVICE != "cuda":
+        yield
+        return
+    import pynvml
+
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    start = pynvml.nvmlDeviceGetMemoryInfo(handle).used
+    peak = {"used": start}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            peak["used"] = max(peak["used"], pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        peak["used"] = max(peak["used"], pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+        result["gpu_peak_mb"] = (peak["used"] - start) / 2**20
+
+
+def _feeds(manifest, size: int) -> dict:
+    """The same random batch-2 UNet inputs on both sides (fp32; each side casts)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    latent = size // manifest.vae_scale
+    timestep = next(s for s in manifest.graphs["unet"].inputs if s.name == "timestep")
+    return {
+        "sample": rng.standard_normal((2, manifest.latent_channels, latent, latent), dtype=np.float32),
+        "timestep": np.full(tuple(d if isinstance(d, int) else 1 for d in timestep.shape), 500, dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal((2, manifest.max_tokens, manifest.text_embed_dim), dtype=np.float32),
+    }
+
+
+def _timed(step, runs: int) -> dict:
+    times = []
+    for _ in range(WARMUPS + runs):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return {"warmup_s": times[:WARMUPS], "times_s": times[WARMUPS:], "median_s": bench_sd.median(times[WARMUPS:])}
+
+
+# --- workers -----------------------------------------------------------------------------------
+
+
+def worker_unet_torch(model: str, folder: str, size: int, runs: int, npy: str) -> dict:
+    import numpy as np
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from sdport.models.manifest import read_manifest
+
+    torch.set_grad_enabled(False)
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    result: dict = {}
+    with gpu_memory_peak(result):
+        t0 = time.perf_counter()
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype).to(DEVICE)
+        result["load_s"] = time.perf_counter() - t0
+        feeds = _feeds(read_manifest(Path(folder)), size)
+        sample = torch.from_numpy(feeds["sample"]).to(DEVICE, dtype)
+        hidden = torch.from_numpy(feeds["encoder_hidden_states"]).to(DEVICE, dtype)
+        timestep = torch.from_numpy(feeds["timestep"]).to(DEVICE)
+
+        def step():
+            out = unet(sample, timestep, encoder_hidden_states=hidden).sample
+            return out.float().cpu().numpy()  # as sdport: the output crosses to the host
+
+        result.update(_timed(step, runs))
+        np.save(npy, step())
+    return result
+
+
+def _bound_step(path: Path, fused: bool, feeds: dict, cuda_options: dict):
+    """The UNet on fixed device buffers (inputs updated in place), with extra CUDA provider options:
+    `enable_cuda_graph` (captured at the first run, then replayed) or `prefer_nhwc`."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from sdport.runtime.sessions import ORT_DTYPES, session_options
+
+    session = ort.InferenceSession(
+        str(path), session_options("cuda", fused),
+        providers=[("CUDAExecutionProvider", cuda_options)],
+    )
+    inputs = {p.name: p for p in session.get_inputs()}
+    device = {}
+    for name, value in feeds.items():
+        dtype = ORT_DTYPES[inputs[name].type]
+        # np.array, not np.ascontiguousarray: that makes a 0-d timestep 1-d.
+        device[name] = ort.OrtValue.ortvalue_from_numpy(np.array(value, dtype=dtype, order="C"), "cuda", 0)
+    out_type = ORT_DTYPES[session.get_outputs()[0].type]
+    output = ort.OrtValue.ortvalue_from_shape_and_type(feeds["sample"].shape, out_type, "cuda", 0)
+    binding = session.io_binding()
+    for name, value in device.items():
+        binding.bind_ortvalue_input(name, value)
+    binding.bind_ortvalue_output(session.get_outputs()[0].name, output)
+
+    def step():
+        device["sample"].update_inplace(feeds["sample"])  # the latents change every step
+        session.run_with_iobinding(binding)
+        return output.numpy()
+
+    return step
+
+
+def worker_unet_sdport(folder: str, size: int, runs: int, npy: str, cuda_options: dict | None) -> dict:
+    import numpy as np
+
+    from sdport.models.manifest import read_manifest
+    from sdport.runtime.sessions import Graph, check_graph_files, resolve_provider
+
+    result: dict = {}
+    with gpu_memory_peak(result):
+        manifest = read_manifest(Path(folder))
+        spec = manifest.graphs["unet"]
+        path = check_graph_files(Path(folder), spec.file)
+        fused = spec.optimization == "ort"
+        feeds = _feeds(manifest, size)
+        resolve_provider(PROVIDER)  # loads the CUDA libraries as the pipeline does
+        t0 = time.perf_counter()
+        if cuda_options:
+            if PROVIDER != "cuda":
+                raise SystemExit(f"{cuda_options} need the CUDA provider")
+            step = _bound_step(path, fused, feeds, cuda_options)
+        else:
+            graph = Graph("unet", path, PROVIDER, fused)
+            graph.keep_on_device("encoder_hidden_states", feeds["encoder_hidden_states"])
+
+            def step():
+                return graph.run(feeds)["out_sample"]
+        result["create_s"] = time.perf_counter() - t0
+        result.update(_timed(step, runs))
+        np.save(npy, np.asarray(step(), dtype=np.float32))
+    return result
+
+
+def worker_t2i_diffusers(**kwargs) -> dict:
+    result: dict = {}
+    with gpu_memory_peak(result):
+        result.update(bench_sd.worker_t2i_diffusers(device=DEVICE, fp16=DEVICE == "cuda", **kwargs))
+    return result
+
+
+def worker_t2i_sdport(**kwargs) -> dict:
+    result: dict = {}
+    with gpu_memory_peak(result):
+        result.update(bench_sd.worker_t2i_sdport(provider=PROVIDER, low_memory=False, **kwargs))
+    return result
+
+
+# sdport's UNet as its pipeline runs it, then with CUDA provider options the pipeline doesn't set.
+VARIANTS = {"sdport": None, "sdport_cuda_graph": {"enable_cuda_graph": "1"}, "sdport_nhwc": {"prefer_nhwc": "1"}}
+WORKERS = {name[len("worker_"):]: fn for name, fn in globals().items() if name.startswith("worker_")}
+
+
+def spawn(worker: str, **kwargs) -> dict:
+    try:
+        return bench_sd.spawn(worker, None, script=__file__, **kwargs)
+    except RuntimeError as exc:  # one failed variant (a CUDA graph, say) must not lose the table
+        print(str(exc)[-2000:], file=sys.stderr)
+        return {"error": str(exc).strip().splitlines()[-1][:300]}
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import subprocess
+
+    info = bench_sd.machine()
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip()
+    except OSError:
+        gpu = ""
+    info["cuda"] = gpu or "no nvidia-smi"
+    from importlib.metadata import PackageNotFoundError, version
+
+    with contextlib.suppress(PackageNotFoundError):
+        info["onnxruntime-gpu"] = version("onnxruntime-gpu")
+    return info
+
+
+def bench(args) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="sdport-bench-gpu-"))
+    result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
+              "folders": {"diffusers": str(args.model), "fp16": str(args.onnx)},
+              "steps": args.steps, "image_size": args.image_size, "runs": args.runs, "unet": {}, "t2i": {}}
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+        args.out.with_suffix(".partial.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    import numpy as np
+
+    for size in args.sizes:
+        row = result["unet"][str(size)] = {}
+        row["torch"] = spawn("unet_torch", model=str(args.model), folder=str(args.onnx), size=size, runs=args.runs,
+                             npy=str(work / f"t{size}.npy"))
+        for name, options in VARIANTS.items():
+            npy = work / f"{name}{size}.npy"
+            row[name] = spawn("unet_sdport", folder=str(args.onnx), size=size, runs=args.runs, npy=str(npy),
+                              cuda_options=options)
+            if npy.exists() and (work / f"t{size}.npy").exists():
+                want, got = np.load(work / f"t{size}.npy"), np.load(npy)
+                row[name]["max_rel_error_vs_torch"] = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+        say(f"unet {size}: " + ", ".join(f"{k} {v.get('median_s', float('nan')) * 1000:.1f} ms" for k, v in row.items()))
+    for name in ("diffusers", "sdport"):
+        png = str(work / f"{name}.png")
+        r = result["t2i"][name] = spawn(f"t2i_{name}", size=args.image_size, steps=args.steps, png=png, warm=True,
+                                        **({"model": str(args.model)} if name == "diffusers" else {"folder": str(args.onnx)}))
+        if "png_at" in r:
+            r["cold_s"] = r["png_at"] - r["started_at"]
+        say(f"t2i {name}: cold {r.get('cold_s', float('nan')):.2f} s, warm {r.get('warm_s') or float('nan'):.2f} s")
+    result["ratios"] = ratios(result)
+    return result
+
+
+def ratios(r: dict) -> dict:
+    out = {}
+
+    def ratio(key, a, b):
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+            out[key] = a / b
+
+    for size, row in r["unet"].items():
+        for name in VARIANTS:
+            ratio(f"unet_{size}_{name}_time", row.get(name, {}).get("median_s"), row["torch"].get("median_s"))
+            ratio(f"unet_{size}_{name}_gpu_mem", row.get(name, {}).get("gpu_peak_mb"), row["torch"].get("gpu_peak_mb"))
+    d, s = r["t2i"].get("diffusers", {}), r["t2i"].get("sdport", {})
+    for key in ("cold_s", "warm_s", "gpu_peak_mb", "peak_rss_mb"):
+        ratio(f"t2i_{key}", s.get(key), d.get(key))
+    return out
+
+
+def table(r: dict) -> str:
+    def num(value, fmt, scale=1.0):
+        return format(value * scale, fmt) if isinstance(value, (int, float)) else "-"
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else "-"
+
+    variants = [v for v in VARIANTS if v != "sdport"]
+    lines = [f"GPU: {r['machine']['cuda']}; {r['date']}; fp16 both sides; median of {r['runs']} runs after "
+             f"{WARMUPS} warm-ups; text-to-image {r['steps']} steps at {r['image_size']}x{r['image_size']}, guidance "
+             f"{bench_sd.GUIDANCE}.", "",
+             "| measurement | diffusers fp16 | sdport fp16 | ratio | " + " | ".join(f"{v} | ratio" for v in variants) + " |",
+             "|---|---|---|---|" + "---|---|" * len(variants)]
+    for size, row in r["unet"].items():
+        t = row["torch"]
+        for label, key, fmt, scale in ((f"UNet step, batch 2, {size}px (ms)", "median_s", ".1f", 1000),
+                                       (f"UNet GPU memory, {size}px (MB)", "gpu_peak_mb", ".0f", 1),
+                                       (f"UNet session create / torch load, {size}px (s)", "create_s", ".1f", 1)):
+            ref = t.get("load_s" if key == "create_s" else key)
+            cells = [num(ref, fmt, scale)]
+            for name in VARIANTS:
+                mine = row.get(name, {}).get(key)
+                cells += [num(mine, fmt, scale), ratio(mine, ref)]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        cells = [""] + [c for name in VARIANTS for c in (num(row.get(name, {}).get("max_rel_error_vs_torch"), ".1e"), "")]
+        lines.append(f"| UNet output vs diffusers, {size}px (max rel. error) | " + " | ".join(cells) + " |")
+    d, s = r["t2i"].get("diffusers", {}), r["t2i"].get("sdport", {})
+    blank = " |" * (2 * len(variants))
+    for label, key, fmt in (("text-to-image cold, process start to PNG (s)", "cold_s", ".2f"),
+                            ("text-to-image warm (s)", "warm_s", ".2f"),
+                            ("text-to-image GPU memory (MB)", "gpu_peak_mb", ".0f"),
+                            ("text-to-image host peak RSS (MB)", "peak_rss_mb", ".0f")):
+        lines.append(f"| {label} | {num(d.get(key), fmt)} | {num(s.get(key), fmt)} | {ratio(s.get(key), d.get(key))} |{blank}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="diffusers folder (e.g. benchmarks/sd15_model.py's)")
+    parser.add_argument("--onnx", type=Path, help="an sdport export of it with --fp16")
+    parser.add_argument("--sizes", default="256,512", help="UNet step sizes in pixels, comma-separated")
+    parser.add_argument("--steps", type=int, default=20, help="text-to-image steps")
+    parser.add_argument("--image-size", type=int, default=512, help="text-to-image size")
+    parser.add_argument("--runs", type=int, default=10, help="timed runs per UNet measurement")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "gpu.json")
+    parser.add_argument("--dry-run", action="store_true", help="the same code on CPU, to check the script")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--args", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = WORKERS[args.worker](**json.loads(args.args))
+        result["peak_rss_mb"] = bench_sd.peak_rss_mb()
+        print(json.dumps(result))
+        return
+    if not (args.model and args.onnx):
+        parser.error("--model and --onnx are required")
+    if args.dry_run:
+        os.environ["SDPORT_BENCH_DEVICE"] = "cpu"  # read by the workers, which are fresh processes
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = bench(args)
+    result["table"] = table(result)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
+    print(result["table"])
+    print(f"\nwrote {args.out}  ({platform.node()})")
+
+
+if __name__ == "__main__":
+    main()
