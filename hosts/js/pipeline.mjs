@@ -74,7 +74,8 @@ function checkFinite(values, what) {
 
 /**
  * Generates one image.
- * @param {object} env {ort, Tokenizer, readJson(rel, {optional}), createSession(rel, graphSpec), say(msg)}
+ * @param {object} env {ort, Tokenizer, readJson(rel, {optional}), createSession(rel, graphSpec), say(msg),
+ *   splitGuidance (optional: with guidance, two batch-1 UNet calls instead of one batch-2 call)}
  * @param {object} request {prompt, negative, steps, guidance, width, height, seed, plan}
  * @returns {Promise<{rgb: Uint8Array, width: number, height: number, latents: Float32Array, seconds: object}>}
  */
@@ -135,16 +136,31 @@ export async function generate(env, request) {
   const timestepSpec = (manifest.graphs.unet.inputs || []).find((p) => p.name === 'timestep');
   const f = Math.fround;
   const g = f(guidance);
+  const unet = async (sample, batch, states, t) => (await session.run({
+    sample: new ort.Tensor('float32', sample, [batch, c, h, w]),
+    timestep: timestepTensor(ort, timestepSpec, t),
+    encoder_hidden_states: states,
+  })).out_sample.data;
+  // env.splitGuidance: the [negative, prompt] halves as two batch-1 calls, which halves the UNet's
+  // activation memory (32-bit WASM: an SD 1.5-sized UNet at 512 px hit std::bad_alloc with batch
+  // 2). Off by default: with several intra-op threads batch 1 and batch 2 can round differently
+  // in the last bit (tiny model, 2 threads: 1.5e-6), and the Node host matches Python bit for bit.
+  const split = guided && Boolean(env.splitGuidance);
+  const D = hidden.dims[2];
+  const halves = split ? [0, 1].map((b) => new ort.Tensor('float32', hidden.data.slice(b * T * D, (b + 1) * T * D), [1, T, D])) : null;
   const model = async (xIn, t, i) => {
-    const batch = guided ? 2 : 1;
-    const sample = new Float32Array(batch * n);
-    sample.set(xIn, 0);
-    if (guided) sample.set(xIn, n);
-    const out = (await session.run({
-      sample: new ort.Tensor('float32', sample, [batch, c, h, w]),
-      timestep: timestepTensor(ort, timestepSpec, t),
-      encoder_hidden_states: hidden,
-    })).out_sample.data;
+    let out;
+    if (split) {
+      out = new Float32Array(2 * n);
+      out.set(await unet(xIn, 1, halves[0], t), 0);
+      out.set(await unet(xIn, 1, halves[1], t), n);
+    } else {
+      const batch = guided ? 2 : 1;
+      const sample = new Float32Array(batch * n);
+      sample.set(xIn, 0);
+      if (guided) sample.set(xIn, n);
+      out = await unet(sample, batch, hidden, t);
+    }
     checkFinite(out, `unet output at evaluation ${i + 1} (timestep ${t})`);
     if (!guided) return Float32Array.from(out);
     const e = new Float32Array(n);

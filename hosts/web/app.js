@@ -25,6 +25,9 @@ async function fetchJson(url, optional = false) {
 const env = {
   ort,
   Tokenizer,
+  // One batch-1 UNet call per guidance half: 32-bit WASM has 4 GB, and an SD 1.5-sized fp16 UNet
+  // at 512 px ran out of it with batch 2 (pipeline.mjs).
+  splitGuidance: true,
   readJson: (rel, { optional = false } = {}) => fetchJson(MODEL + rel, optional),
   async createSession(name, spec) {
     const options = { executionProviders: ['wasm'], graphOptimizationLevel: 'extended' };
