@@ -350,12 +350,7 @@ def main() -> None:
     if args.dry_run:
         os.environ["SDPORT_BENCH_DEVICE"] = "cpu"  # read by the workers, which are fresh processes
     args.sizes = [int(s) for s in args.sizes.split(",")]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = bench(args)
-    result["table"] = table(result)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
-    print(result["table"])
+    bench_sd.run_and_write(args, bench, table)
     print(f"\nwrote {args.out}  ({platform.node()})")
 
 

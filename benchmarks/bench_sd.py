@@ -474,6 +474,17 @@ def table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def run_and_write(args, bench_fn, table_fn) -> dict:
+    """Runs the benchmark, writes its JSON (replacing the partial one) and prints the table."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = bench_fn(args)
+    result["table"] = table_fn(result)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
+    print(result["table"])
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
@@ -497,12 +508,7 @@ def main() -> None:
     args.steps = args.steps or (5 if args.model == "sd15" else 10)
     args.image_size = args.image_size or (512 if args.model == "sd15" else 64)
     args.out = args.out or REPO / "benchmarks" / "results" / f"{args.model}.json"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = bench(args)
-    result["table"] = table(result)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
-    print(result["table"])
+    result = run_and_write(args, bench, table)
     print("\nratios (sdport / reference): " + ", ".join(f"{k} {v:.2f}" for k, v in result["ratios"].items()))
     print(f"wrote {args.out}")
 

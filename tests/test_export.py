@@ -125,8 +125,14 @@ def test_manifest_agrees_with_graphs(tiny_onnx_dir: Path, tiny_diffusers_dir: Pa
         assert (tiny_onnx_dir / file).is_file(), file
 
 
-def test_fp16_export_keeps_vae_fp32(tiny_diffusers_dir: Path, tmp_path: Path):
+def test_fp16_export_keeps_vae_fp32(tiny_diffusers_dir: Path, tmp_path: Path, monkeypatch):
+    # Every optimizer stage in a child process, as for an SD 1.5 UNet (over 1 GiB).
+    monkeypatch.setattr(export_folder.optimize, "SUBPROCESS_MIN_BYTES", 0)
+    in_subprocess, stages = export_folder.optimize.in_subprocess, []
+    monkeypatch.setattr(export_folder.optimize, "in_subprocess",
+                        lambda stage, *args: stages.append(stage.__name__) or in_subprocess(stage, *args))
     out = export_model(tiny_diffusers_dir, tmp_path / "fp16", fp16=True, report=None)
+    assert stages.count("fuse_for_onnxruntime") == 4 and stages.count("to_fp16") == 2
     manifest = read_manifest(out)
     precisions = {name: spec.precision for name, spec in manifest.graphs.items()}
     assert precisions == {"text_encoder": "fp16", "unet": "fp16", "vae_decoder": "fp32", "vae_encoder": "fp32"}

@@ -6,10 +6,32 @@ import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import onnx
 
 from sdport.export.onnx_files import load_model, save_model
+
+T = TypeVar("T")
+
+# Graphs this large (files on disk) are optimized in a child process: an SD 1.5 UNet (3.4 GB).
+SUBPROCESS_MIN_BYTES = 1 << 30
+
+
+def in_process(stage: Callable[..., T], *args) -> T:
+    return stage(*args)
+
+
+def in_subprocess(stage: Callable[..., T], *args) -> T:
+    """`stage(*args)` in a fresh Python process; its exceptions are raised here. A child killed by
+    the out-of-memory killer surfaces as BrokenProcessPool, which the stage runner reports."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: a forked child would start with a copy of this process's PyTorch state.
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(stage, *args).result()
+
 
 # onnxruntime.transformers' model types for each of our graphs.
 ORT_MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
