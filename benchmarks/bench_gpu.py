@@ -3,7 +3,7 @@
     python benchmarks/bench_gpu.py --model <diffusers folder> --onnx <sdport --fp16 export>
                                    [--sizes 256,512] [--steps 20] [--runs 10] [--out gpu.json]
 
-Needs onnxruntime-gpu (`pip install 'sdport[gpu]'`), torch with CUDA and diffusers. As bench_sd.py,
+Needs onnxruntime-gpu in place of onnxruntime (README, "On a GPU"), torch with CUDA and diffusers. As bench_sd.py,
 every measurement runs in a fresh process; ratios are sdport / diffusers from this same run.
 
   unet step       one UNet evaluation, batch 2 (guidance), fp16, median of --runs after warm-ups:

@@ -30,8 +30,9 @@ PROVIDERS = {
     "cpu": "CPUExecutionProvider",
 }
 INSTALL_HINT = {
-    "cuda": "pip install 'sdport[gpu]' (onnxruntime-gpu) on a machine with an NVIDIA GPU and CUDA",
-    "dml": "pip install 'sdport[directml]' (onnxruntime-directml, Windows only)",
+    # One onnxruntime build per environment: they share the import name (README, "On a GPU").
+    "cuda": "pip uninstall -y onnxruntime && pip install 'onnxruntime-gpu[cuda,cudnn]' (NVIDIA GPU)",
+    "dml": "pip uninstall -y onnxruntime && pip install onnxruntime-directml (Windows)",
     "cpu": "reinstall onnxruntime",
 }
 # onnxruntime's type strings -> numpy dtypes (session.get_inputs()[i].type).
