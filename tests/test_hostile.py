@@ -439,6 +439,9 @@ def start_export(source: Path, out: Path) -> subprocess.Popen:
     child = subprocess.Popen(
         [sys.executable, "-m", "sdport.cli", "export", str(source), str(out), "--no-optimize"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+        # As a terminal would: a suite started in the background (`cmd &`) inherits SIGINT ignored,
+        # and Python then never installs its Ctrl-C handler.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     for line in child.stderr:
