@@ -215,3 +215,12 @@ def test_optimizer_crash_is_one_error_naming_the_stage(tiny_diffusers_dir: Path,
     with pytest.raises(SdportError, match=r"^text_encoder \(fused\): ValueError: Failed to serialize proto; try"):
         export_model(tiny_diffusers_dir, tmp_path / "out", report=None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_optimizer_child_process_failure_is_one_line(tmp_path: Path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not an onnx graph")
+    with pytest.raises(RuntimeError) as failure:
+        export_folder.optimize.in_subprocess(export_folder.optimize.to_fp16, bad, tmp_path / "fp16.onnx")
+    message = str(failure.value)
+    assert "\n" not in message and "Traceback" not in message and "Error" in message, message

@@ -5,32 +5,35 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable
 
 import onnx
 
 from sdport.export.onnx_files import load_model, save_model
 
-T = TypeVar("T")
-
 # Graphs this large (files on disk) are optimized in a child process: an SD 1.5 UNet (3.4 GB).
 SUBPROCESS_MIN_BYTES = 1 << 30
 
 
-def in_process(stage: Callable[..., T], *args) -> T:
-    return stage(*args)
+def in_process(stage: Callable[..., object], *args) -> None:
+    stage(*args)
 
 
-def in_subprocess(stage: Callable[..., T], *args) -> T:
-    """`stage(*args)` in a fresh Python process; its exceptions are raised here. A child killed by
-    the out-of-memory killer surfaces as BrokenProcessPool, which the stage runner reports."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    # spawn, not fork: a forked child would start with a copy of this process's PyTorch state.
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(stage, *args).result()
+def in_subprocess(stage: Callable[..., object], *args) -> None:
+    """`stage(*args)` in a fresh Python (`python -m sdport.export.optimize`). Not multiprocessing:
+    its spawn re-imports the caller's main script, which breaks scripts without a __main__ guard.
+    A failure becomes a RuntimeError with the child's last error line, which the stage runner
+    turns into one error naming the graph and stage."""
+    command = [sys.executable, "-m", __name__, stage.__name__, *(str(a) for a in args)]
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        if done.returncode < 0:  # the out-of-memory killer's SIGKILL, typically
+            raise RuntimeError(f"the optimizer process was killed by signal {-done.returncode} (out of memory?)")
+        raise RuntimeError(lines[-1] if lines else f"the optimizer process exited with {done.returncode}")
 
 
 # onnxruntime.transformers' model types for each of our graphs.
@@ -122,3 +125,10 @@ def stamp_io(path: Path, inputs, outputs) -> None:
                 else:
                     entry.dim_value = dim
     onnx.save_model(model, str(path))  # the external-data references stay as they are
+
+
+if __name__ == "__main__":  # in_subprocess: python -m sdport.export.optimize STAGE SRC DST [COMPONENT]
+    stage_name, src, dst, *rest = sys.argv[1:]
+    {"simplify": simplify, "fuse_for_onnxruntime": fuse_for_onnxruntime, "to_fp16": to_fp16}[stage_name](
+        Path(src), Path(dst), *rest
+    )

@@ -44,9 +44,10 @@ ORT_DTYPES = {
     "tensor(int32)": np.int32,
 }
 Say = Callable[[str], None]
-# Graphs run without onnxruntime's CPU arena even when fused: a VAE's activations are few and huge
-# (134 MB per 512 px tensor at 128 channels) and the arena held 0.9 GB more at its peak than plain
-# allocation, at the same speed (SD 1.5-sized decoder at 512 px: 1984 vs 1072 MB, 16.6 vs 16.8 s).
+# Graphs that run without onnxruntime's CPU arena even when fused: a VAE's activations are few
+# and huge (134 MB per 512 px tensor at 128 channels), and the arena held 0.9 GB more at its peak
+# than plain allocation, at the same speed (SD 1.5-sized decoder at 512 px: 1984 vs 1072 MB,
+# 16.6 vs 16.8 s).
 NO_ARENA = ("vae_decoder", "vae_encoder")
 
 
@@ -67,22 +68,21 @@ def resolve_provider(provider: str, say: Say | None = None) -> str:
         chosen = have[0] if have else "cpu"
         if say:
             say(f"provider: {chosen} ({PROVIDERS[chosen]}; available: {', '.join(have)})")
-        if chosen == "cuda":
-            _preload_cuda_libraries()
-        return chosen
-    if provider not in PROVIDERS:
+    elif provider not in PROVIDERS:
         raise UsageError(
             f"unknown provider {provider!r}; choose auto, {', '.join(PROVIDERS)} "
             f"(installed here: {', '.join(have) or 'none'})"
         )
-    if provider not in have:
+    elif provider not in have:
         raise UsageError(
             f"provider {provider!r} ({PROVIDERS[provider]}) is not installed in this onnxruntime "
             f"(available: {', '.join(have) or 'none'}); {INSTALL_HINT[provider]}, or use --provider auto"
         )
-    if provider == "cuda":
+    else:
+        chosen = provider
+    if chosen == "cuda":
         _preload_cuda_libraries()
-    return provider
+    return chosen
 
 
 def _preload_cuda_libraries() -> None:
@@ -308,7 +308,8 @@ class Graph:
         printed = io.StringIO()  # onnxruntime print()s its provider fallbacks to stdout
         try:
             with contextlib.redirect_stdout(printed):
-                self.session = open_session(path, provider, fused, providers, False if name in NO_ARENA else None)
+                arena = False if name in NO_ARENA else None  # None: the default for `fused`
+                self.session = open_session(path, provider, fused, providers, arena)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SdportError(
