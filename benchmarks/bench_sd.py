@@ -264,16 +264,12 @@ def median(values: list[float]) -> float:
 # --- models ------------------------------------------------------------------------------------
 
 
-def _cache() -> Path:
-    root = os.environ.get("SDPORT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sdport")
-    return Path(root)
-
-
 def prepare(model: str, onnx: Path | None, int8: Path | None, want_int8: bool) -> tuple[Path, Path, Path | None]:
     """(diffusers folder, fp32 sdport folder, int8 sdport folder or None), built once and cached."""
+    from sdport.cache import cache_root
+
     if model == "tiny":
-        root = _cache() / "bench-tiny"
+        root = cache_root() / "bench-tiny"
         diffusers_dir = root / "diffusers"
         if not (diffusers_dir / "model_index.json").exists():
             from sdport.export.tiny import write_tiny_model
@@ -283,7 +279,7 @@ def prepare(model: str, onnx: Path | None, int8: Path | None, want_int8: bool) -
         from sd15_model import build_sd15_random
 
         diffusers_dir = build_sd15_random()
-        root = _cache() / "bench-sd15"
+        root = cache_root() / "bench-sd15"
     onnx = onnx or root / "onnx"
     if not (onnx / "sdport.json").exists():
         print(f"exporting {diffusers_dir} -> {onnx} (once)", file=sys.stderr)

@@ -12,12 +12,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sdport.export.clip_vocab import BOS, EOS, cache_dir, clip_vocab_and_merges
+from sdport.cache import cache_root
+from sdport.export.clip_vocab import BOS, EOS, clip_vocab_and_merges
 from sdport.models.families import FAMILIES
 
 
 def sd15_random_dir() -> Path:
-    return cache_dir() / "sd15-random"
+    return cache_root() / "sd15-random"
 
 
 def build_sd15_random(out: Path | None = None, seed: int = 0) -> Path:

@@ -16,18 +16,13 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from sdport.cache import cache_root
+
 OPEN_CLIP_WHEEL = "open-clip-torch==3.3.0"
 BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 # OpenAI's tokenizer keeps the first 49152 - 256 - 2 merges of the file (the first line is a header).
 MERGE_COUNT = 49152 - 256 - 2
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("SDPORT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sdport"
-    )
-    return Path(root)
 
 
 def _from_wheel(wheel: Path) -> bytes:
@@ -56,7 +51,7 @@ def clip_bpe_gz() -> bytes:
     installed = _from_installed_open_clip()
     if installed is not None:
         return installed
-    cached = cache_dir() / "bpe_simple_vocab_16e6.txt.gz"
+    cached = cache_root() / "bpe_simple_vocab_16e6.txt.gz"
     if cached.exists():
         return cached.read_bytes()
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,9 +22,10 @@ from sdport import __version__
 from sdport.errors import SdportError
 from sdport.export import optimize
 from sdport.export.components import ComponentGraph, component_graphs, trace_to_onnx
-from sdport.export.onnx_files import resave, sha256
+from sdport.export.onnx_files import resave
 from sdport.export.validate import ReferenceCase, check_parity, reference_cases
 from sdport.models.manifest import COMPONENTS, GraphSpec, Manifest, write_manifest
+from sdport.runtime.checksums import file_sha256
 
 Optimization = Literal["ort", "portable", "none"]
 Reporter = Callable[[str], None]
@@ -194,7 +195,7 @@ def _place(graph: ComponentGraph, final: Path, folder: Path, *, precision: str,
     files = {}
     for item in sorted(final.parent.iterdir()):
         shutil.move(str(item), target / item.name)
-        files[f"{graph.name}/{item.name}"] = sha256(target / item.name)
+        files[f"{graph.name}/{item.name}"] = file_sha256(target / item.name)
     external = [f for f in files if not f.endswith(".onnx")]
     return GraphSpec(
         file=f"{graph.name}/model.onnx",

@@ -21,8 +21,9 @@ from typing import Callable
 import numpy as np
 
 from sdport.errors import SdportError
-from sdport.export.onnx_files import resave, sha256
+from sdport.export.onnx_files import resave
 from sdport.models.manifest import read_manifest, write_manifest
+from sdport.runtime.checksums import file_sha256
 
 Reporter = Callable[[str], None]
 QUANTIZED = "unet"
@@ -165,7 +166,7 @@ def quantize_model(
         report(f"quantizing {QUANTIZED} (MatMul int8, Conv uint8 weights)")
         final = tmp / spec.file
         quantize_unet(folder / spec.file, final)
-        files = {f"{QUANTIZED}/{p.name}": sha256(p) for p in sorted(final.parent.iterdir())
+        files = {f"{QUANTIZED}/{p.name}": file_sha256(p) for p in sorted(final.parent.iterdir())
                  if p.is_file() and p.name.startswith("model.onnx")}
         external = [f for f in files if not f.endswith(".onnx")]
         latent = 4 * manifest.latent_multiple

@@ -22,6 +22,7 @@ import re
 import tempfile
 from pathlib import Path
 
+from sdport.cache import cache_root
 from sdport.models.manifest import ManifestError, inside
 
 CACHE_MIN_BYTES = 16 << 20
@@ -30,9 +31,7 @@ HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def cache_file() -> Path:
-    """$SDPORT_CACHE, else $XDG_CACHE_HOME/sdport, else ~/.cache/sdport (as the session cache)."""
-    root = os.environ.get("SDPORT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdport"
-    return Path(root) / "sha256-verified.json"
+    return cache_root() / "sha256-verified.json"
 
 
 def file_sha256(path: Path) -> str:

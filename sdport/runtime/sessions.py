@@ -18,6 +18,7 @@ from typing import Callable, Literal
 import numpy as np
 import onnxruntime as ort
 
+from sdport.cache import cache_root
 from sdport.errors import SdportError, UsageError
 from sdport.models.manifest import ManifestError, inside
 
@@ -379,10 +380,7 @@ def ort_cache_dir() -> Path | None:
         return None
     if value and value.lower() not in ("1", "on", "true", "yes"):
         return Path(value)
-    root = os.environ.get("SDPORT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sdport"
-    )
-    return Path(root) / "ort"
+    return cache_root() / "ort"
 
 
 def _cpu_identity() -> str:
