@@ -476,7 +476,7 @@ def test_export_killed_then_rerun_cleans_up_and_works(tiny_diffusers_dir, tmp_pa
 
 
 def test_live_exports_partial_folder_is_kept(tmp_path):
-    from sdport.export.folder import remove_stale_siblings
+    from sdport.export.staging import remove_stale_siblings
 
     live = tmp_path / f".out.partial-{os.getpid()}"  # this process: alive
     live.mkdir()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import gc
-import glob
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from sdport.errors import SdportError
 from sdport.export import optimize
 from sdport.export.components import ComponentGraph, component_graphs, trace_to_onnx
 from sdport.export.onnx_files import resave
+from sdport.export.staging import remove_stale_siblings, replace_folder, temporary_sibling
 from sdport.export.validate import ReferenceCase, check_parity, reference_cases
 from sdport.models.manifest import COMPONENTS, GraphSpec, Manifest, write_manifest
 from sdport.runtime.checksums import file_sha256
@@ -53,61 +53,6 @@ def _tool_versions() -> dict[str, str]:
         "transformers": transformers.__version__, "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
     }
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists (on this machine); True when unsure, so nothing live is removed."""
-    if pid <= 0:
-        return False
-    if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
-        import ctypes
-
-        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return ctypes.GetLastError() == 5  # access denied: it exists
-        code = ctypes.c_ulong()
-        ctypes.windll.kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
-        ctypes.windll.kernel32.CloseHandle(handle)
-        return code.value == 259  # STILL_ACTIVE
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: someone else's live process
-        return True
-    return True
-
-
-def remove_stale_siblings(out: Path, report: Reporter | None = None) -> list[Path]:
-    """Removes `.OUT.partial-PID` / `.OUT.old-PID` folders left by exports that were killed.
-
-    A SIGKILL or a power cut cannot clean up; the next export of the same OUT does, but only for
-    folders whose process is gone, so two exports running at once do not delete each other's work.
-    """
-    removed = []
-    if not out.parent.is_dir():
-        return removed
-    for kind in ("partial", "old"):
-        for path in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*"):
-            pid = path.name.rsplit("-", 1)[1]
-            if pid.isdigit() and path.is_dir() and not _pid_alive(int(pid)):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-                if report:
-                    report(f"removed {path}, left by an export that was interrupted")
-    return removed
-
-
-def _temporary_sibling(out: Path) -> Path:
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as exc:
-        raise SdportError(
-            f"cannot create {tmp} next to {out} ({exc.strerror or exc}); choose an OUT in a folder you can write to"
-        ) from exc
-    return tmp
 
 
 def _write_failed(exc: OSError, tmp: Path, out: Path) -> SdportError:
@@ -300,7 +245,7 @@ def export_model(
     sizes = [(4 * latent_multiple, 4 * latent_multiple), (4 * latent_multiple, 6 * latent_multiple)]
 
     remove_stale_siblings(out, report)
-    tmp = _temporary_sibling(out)
+    tmp = temporary_sibling(out)
     try:
         _write_configs(pipeline, tmp)
         manifest = Manifest(
@@ -336,7 +281,7 @@ def export_model(
             shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(tmp / ".work", ignore_errors=True)
         write_manifest(tmp, manifest)
-        _replace(tmp, out)
+        replace_folder(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_failed(exc, tmp, out) from exc
@@ -350,14 +295,3 @@ def export_model(
         raise
     report(f"wrote {out} in {time.perf_counter() - started:.1f} s")
     return out
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Renames the finished folder into place; an old OUT (with --force) is removed only after."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -13,7 +13,6 @@ import dataclasses
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,7 @@ import numpy as np
 
 from sdport.errors import SdportError
 from sdport.export.onnx_files import resave
+from sdport.export.staging import remove_stale_siblings, replace_folder, temporary_sibling
 from sdport.models.manifest import read_manifest, write_manifest
 from sdport.runtime.checksums import file_sha256
 
@@ -154,9 +154,8 @@ def quantize_model(
     if out.exists() and not force:
         raise SdportError(f"{out} already exists; choose another OUT or pass --force to replace it")
     started = time.perf_counter()
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    remove_stale_siblings(out, report)
+    tmp = temporary_sibling(out)
     try:
         unet_files = set(spec.sha256) | {spec.file} | ({spec.external_data} if spec.external_data else set())
         for path in sorted(folder.rglob("*")):
@@ -179,9 +178,7 @@ def quantize_model(
             parity={**spec.parity, "int8": error},
         )
         write_manifest(tmp, dataclasses.replace(manifest, graphs=graphs))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
