@@ -73,20 +73,6 @@ def gpu_memory_peak(result: dict):
         result["gpu_peak_mb"] = (peak["used"] - start) / 2**20
 
 
-def _feeds(manifest, size: int) -> dict:
-    """The same random batch-2 UNet inputs on both sides (fp32; each side casts)."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    latent = size // manifest.vae_scale
-    timestep = next(s for s in manifest.graphs["unet"].inputs if s.name == "timestep")
-    return {
-        "sample": rng.standard_normal((2, manifest.latent_channels, latent, latent), dtype=np.float32),
-        "timestep": np.full(tuple(d if isinstance(d, int) else 1 for d in timestep.shape), 500, dtype=np.float32),
-        "encoder_hidden_states": rng.standard_normal((2, manifest.max_tokens, manifest.text_embed_dim), dtype=np.float32),
-    }
-
-
 def _timed(step, runs: int) -> dict:
     times = []
     for _ in range(WARMUPS + runs):
@@ -104,6 +90,7 @@ def worker_unet_torch(model: str, folder: str, size: int, runs: int, npy: str) -
     import torch
     from diffusers import UNet2DConditionModel
 
+    from sdport.export.quantize import unet_feeds
     from sdport.models.manifest import read_manifest
 
     torch.set_grad_enabled(False)
@@ -113,7 +100,8 @@ def worker_unet_torch(model: str, folder: str, size: int, runs: int, npy: str) -
         t0 = time.perf_counter()
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype).to(DEVICE)
         result["load_s"] = time.perf_counter() - t0
-        feeds = _feeds(read_manifest(Path(folder)), size)
+        manifest = read_manifest(Path(folder))
+        feeds = unet_feeds(manifest, size // manifest.vae_scale)  # the same inputs on both sides
         sample = torch.from_numpy(feeds["sample"]).to(DEVICE, dtype)
         hidden = torch.from_numpy(feeds["encoder_hidden_states"]).to(DEVICE, dtype)
         timestep = torch.from_numpy(feeds["timestep"]).to(DEVICE)
@@ -163,6 +151,7 @@ def _bound_step(path: Path, fused: bool, feeds: dict, cuda_options: dict):
 def worker_unet_sdport(folder: str, size: int, runs: int, npy: str, cuda_options: dict | None) -> dict:
     import numpy as np
 
+    from sdport.export.quantize import unet_feeds
     from sdport.models.manifest import read_manifest
     from sdport.runtime.sessions import Graph, check_graph_files, resolve_provider
 
@@ -172,7 +161,7 @@ def worker_unet_sdport(folder: str, size: int, runs: int, npy: str, cuda_options
         spec = manifest.graphs["unet"]
         path = check_graph_files(Path(folder), spec.file)
         fused = spec.optimization == "ort"
-        feeds = _feeds(manifest, size)
+        feeds = unet_feeds(manifest, size // manifest.vae_scale)
         resolve_provider(PROVIDER)  # loads the CUDA libraries as the pipeline does
         t0 = time.perf_counter()
         if cuda_options:

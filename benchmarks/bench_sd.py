@@ -85,8 +85,7 @@ def worker_unet_torch(model: str, size: int, runs: int) -> dict:
 
 
 def worker_unet_sdport(folder: str, size: int, runs: int) -> dict:
-    import numpy as np
-
+    from sdport.export.quantize import unet_feeds
     from sdport.models.manifest import read_manifest
     from sdport.runtime.sessions import Graph, check_graph_files
 
@@ -95,14 +94,7 @@ def worker_unet_sdport(folder: str, size: int, runs: int) -> dict:
     t0 = time.perf_counter()
     graph = Graph("unet", check_graph_files(Path(folder), spec.file), "cpu", spec.optimization == "ort")
     create = time.perf_counter() - t0
-    rng = np.random.default_rng(0)
-    latent = size // manifest.vae_scale
-    port = graph.input("timestep")
-    feeds = {
-        "sample": rng.standard_normal((2, manifest.latent_channels, latent, latent), dtype=np.float32),
-        "timestep": np.full(tuple(d if isinstance(d, int) else 1 for d in port.shape), 500, dtype=port.dtype),
-        "encoder_hidden_states": rng.standard_normal((2, manifest.max_tokens, manifest.text_embed_dim), dtype=np.float32),
-    }
+    feeds = unet_feeds(manifest, size // manifest.vae_scale)
     times = []
     for _ in range(runs + 1):
         t = time.perf_counter()

@@ -81,8 +81,9 @@ def _with_contrib_opset(src: Path, work: Path) -> Path:
     return work / src.name
 
 
-def _unet_feeds(manifest, latent: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random batch-2 UNet inputs (guidance's batch) at a latent size of `latent` x `latent`."""
+def unet_feeds(manifest, latent: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random batch-2 UNet inputs (guidance's batch) at a latent size of `latent` x `latent`, as
+    the manifest declares them (also the benchmarks' inputs)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in manifest.graphs[QUANTIZED].inputs:
@@ -169,7 +170,7 @@ def quantize_model(
                  if p.is_file() and p.name.startswith("model.onnx")}
         external = [f for f in files if not f.endswith(".onnx")]
         latent = 4 * manifest.latent_multiple
-        error = unet_error(folder / spec.file, final, _unet_feeds(manifest, latent))
+        error = unet_error(folder / spec.file, final, unet_feeds(manifest, latent))
         report(f"  {QUANTIZED}: int8 vs fp32 output error: max {error['max_rel_error']:.1e}, "
                f"mean {error['mean_rel_error']:.1e} of range")
         graphs = dict(manifest.graphs)
