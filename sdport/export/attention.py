@@ -10,8 +10,6 @@ the weights stay where they are (the same initializers, external data untouched)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import onnx
 from onnx import helper
 
@@ -44,13 +42,4 @@ def unpack_self_attention(model: onnx.ModelProto) -> int:
         count += 1
     del graph.node[:]
     graph.node.extend(nodes)
-    return count
-
-
-def unpack_file(src: Path, dst: Path) -> int:
-    """`unpack_self_attention` on a graph file; external data is referenced, not rewritten, so
-    `dst` must sit in the same folder as `src`'s data file (or be `src` itself)."""
-    model = onnx.load_model(str(src), load_external_data=False)
-    count = unpack_self_attention(model)
-    onnx.save_model(model, str(dst))
     return count

@@ -27,13 +27,14 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
     if args.scheduler is not None and args.scheduler not in scheduler_names():
         raise UsageError(f"unknown scheduler {args.scheduler!r}; choose one of: {', '.join(scheduler_names())}")
     resolve_provider(args.provider)
+    image = None
     if args.image is not None:
         if not Path(args.image).exists():
             raise UsageError(f"input image {args.image} not found")
         if not Path(args.image).is_file():
             raise UsageError(f"input image {args.image} is not a file; pass an image file")
         # Read and checked now: a truncated download or a text file should not cost a model load.
-        imgs.load_image(args.image)
+        image = imgs.load_image(args.image, say)
     manifest = read_manifest(Path(args.model))
     if args.width is not None or args.height is not None:
         size = manifest.default_image_size
@@ -60,7 +61,7 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
         seed=args.seed,
         scheduler=args.scheduler,
         num_images=args.num_images,
-        image=args.image,
+        image=image,
         strength=args.strength,
         callback=on_step,
         progress=say is not None,
