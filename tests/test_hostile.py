@@ -214,7 +214,7 @@ def test_graph_with_wrong_input_names_is_refused_at_load(model, tmp_path, capsys
     edit_manifest(model, lambda d: d["graphs"]["unet"].update(sha256={}))
     rename_input(model / "unet" / "model.onnx", "sample", "x")
     runs = []
-    monkeypatch.setattr(sessions.Graph, "run", lambda self, feeds: runs.append(self.name))
+    monkeypatch.setattr(sessions.Graph, "run", lambda self, feeds, last=False: runs.append(self.name))
     code = generate(model, tmp_path / "x.png")
     one_line_error(capsys, code, "unet: unet/model.onnx has no input 'sample' (it has 'x',")
     assert runs == []  # refused at load, before any graph ran
@@ -356,8 +356,8 @@ def poison(monkeypatch, component: str, value=np.nan, at_run: int = 1, exception
     real = sessions.Graph.run
     runs = {"n": 0}
 
-    def run(self, feeds):
-        out = real(self, feeds)
+    def run(self, feeds, last=False):
+        out = real(self, feeds, last=last)
         if self.name != component:
             return out
         runs["n"] += 1

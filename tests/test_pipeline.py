@@ -134,7 +134,7 @@ def test_guidance_one_skips_the_unconditional_branch(pipe, reference, monkeypatc
     calls = []
     unet = pipe._graphs["unet"]
     original = unet.run
-    monkeypatch.setattr(unet, "run", lambda feeds: calls.append(feeds["sample"].shape[0]) or original(feeds))
+    monkeypatch.setattr(unet, "run", lambda feeds, last=False: calls.append(feeds["sample"].shape[0]) or original(feeds, last=last))
     ours, theirs = run_both(pipe, reference, monkeypatch, "ddim", guidance=1.0)
     assert set(calls) == {1}, "guidance 1 must run the UNet on the positive prompt only"
     compare(ours, theirs, "txt2img guidance 1.0 ddim")
@@ -188,6 +188,30 @@ def test_seeds_reproduce_image_by_image(pipe):
     np.testing.assert_array_equal(batch, again)
     np.testing.assert_allclose(batch[1], alone[0], atol=1e-5)  # batch vs single kernels: rounding only
     assert np.abs(batch[0] - batch[1]).max() > 0.01
+
+
+@pytest.mark.parametrize("scheduler, steps, image", [("euler", 4, False), ("heun", 3, False), ("pndm", 4, True)])
+def test_working_memory_is_released_after_the_last_run_of_each_graph(pipe, monkeypatch, scheduler, steps, image):
+    """The text encoder's run and the final UNet evaluation (heun: 2N - 1 of them; image-to-image:
+    only the remaining ones) are marked `last`, so the arena is freed before the VAE runs."""
+    from sdport.runtime.sessions import Graph
+
+    calls = []
+    run = Graph.run
+
+    def spy(self, feeds, last=False):
+        calls.append((self.name, last))
+        return run(self, feeds, last=last)
+
+    monkeypatch.setattr(Graph, "run", spy)
+    totals = []
+    source = Image.new("RGB", (64, 64), (120, 80, 40)) if image else None
+    pipe.generate(PROMPT, steps=steps, scheduler=scheduler, image=source, strength=0.5, progress=False,
+                  callback=lambda i, total, x: totals.append(total))
+    unet = [last for name, last in calls if name == "unet"]
+    assert len(unet) == totals[0] == len(totals)
+    assert unet == [False] * (len(unet) - 1) + [True]
+    assert ("text_encoder", True) in calls
 
 
 def test_default_size_and_scheduler_come_from_the_folder(pipe):

@@ -138,8 +138,48 @@ def test_request_checks(tiny_onnx_dir):
 def test_nan_from_a_component_names_it(tiny_onnx_dir, monkeypatch):
     pipe = Pipeline.load(tiny_onnx_dir, provider="cpu")
     unet = pipe._graphs["unet"]
-    monkeypatch.setattr(unet, "run", lambda feeds: {"out_sample": np.full(feeds["sample"].shape, np.nan, np.float32)})
+    monkeypatch.setattr(unet, "run", lambda feeds, last=False: {"out_sample": np.full(feeds["sample"].shape, np.nan, np.float32)})
     from sdport.errors import SdportError
 
     with pytest.raises(SdportError, match="unet: output has NaN or inf at step 1"):
         pipe.generate("a fox", steps=3, progress=False)
+
+
+def _resident_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux's /proc")
+def test_last_run_returns_the_arena_to_the_os(tmp_path):
+    """A graph with the CPU arena keeps its working memory between runs (that is the arena's
+    point) and gives it back after a run marked `last`, with the same outputs."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from sdport.runtime.sessions import Graph
+
+    n = 32 * 1024 * 1024  # 128 MB per intermediate
+    nodes = [helper.make_node("Sin", ["x"], ["a"]), helper.make_node("Cos", ["a"], ["b"]),
+             helper.make_node("Mul", ["a", "b"], ["c"]), helper.make_node("ReduceSum", ["c"], ["y"], keepdims=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = np.linspace(0, 1, n, dtype=np.float32)
+
+    kept = Graph("unet", path, "cpu", fused=True)  # fused graphs run with the arena
+    first = kept.run({"x": x})["y"]
+    before = _resident_mb()
+    again = kept.run({"x": x})["y"]
+    held = _resident_mb()
+    released = kept.run({"x": x}, last=True)["y"]
+    after = _resident_mb()
+    assert first == again == released
+    assert held > before - 32  # a plain run keeps the arena's blocks
+    assert held - after > 200  # the last run hands the intermediates (2 x 128 MB) back
+
+    plain = Graph("vae_decoder", path, "cpu", fused=True)  # VAEs run without the arena: no-op
+    assert plain.run({"x": x}, last=True)["y"] == first

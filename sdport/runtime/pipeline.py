@@ -472,7 +472,7 @@ class Pipeline:
         texts = [negative_prompt, prompt] if guided else [prompt]
         ids = self.tokenizer.encode(texts)
         with self._graph("text_encoder") as graph:
-            hidden = graph.run({"input_ids": ids})["last_hidden_state"]  # [len(texts), T, D]
+            hidden = graph.run({"input_ids": ids}, last=True)["last_hidden_state"]  # [len(texts), T, D]
         hidden = np.asarray(hidden, dtype=np.float32)
         if not np.isfinite(hidden).all():
             raise SdportError("text_encoder: output has NaN or inf; the graph is broken, re-export the model")
@@ -505,7 +505,8 @@ class Pipeline:
         count = x.shape[0]
         guided = embeddings.shape[0] == 2 * count
         current = {"step": 0}
-        with self._graph("unet") as unet, tqdm(total=None, disable=not progress, desc="denoising", unit="step") as bar:
+        evaluations = schedulers.schedule(name, config, steps).evaluations(start_step)
+        with self._graph("unet") as unet, tqdm(total=evaluations, disable=not progress, desc="denoising", unit="step") as bar:
             unet.keep_on_device("encoder_hidden_states", embeddings)
             timestep_port = unet.input("timestep")
 
@@ -515,7 +516,7 @@ class Pipeline:
                     "sample": sample,
                     "timestep": self._timestep(timestep_port, t, name),
                     "encoder_hidden_states": embeddings,
-                })["out_sample"]
+                }, last=current["step"] + 1 == evaluations)["out_sample"]
                 if not np.isfinite(out).all():
                     raise SdportError(
                         f"unet: output has NaN or inf at step {current['step'] + 1} (timestep {float(t):g}); "
@@ -530,7 +531,6 @@ class Pipeline:
                 if not np.isfinite(latents).all():
                     raise SdportError(f"{name}: latents have NaN or inf after step {step + 1} of {total}")
                 current["step"] = step + 1
-                bar.total = total
                 bar.update(1)
                 if callback is not None:
                     callback(step, total, latents)

@@ -189,7 +189,7 @@ def denoise(
     first = start_step * sch.order
     if first == 0:
         x = x * np.float32(sch.init_noise_sigma)
-    total = len(sch.timesteps) - first
+    total = sch.evaluations(start_step)
     state = sampler.state0
     for k, i in enumerate(range(first, len(sch.timesteps))):
         x_in = sampler.scale_input(sch, i, x)

@@ -46,6 +46,10 @@ class Schedule:
     alphas_cumprod: np.ndarray
     final_alpha_cumprod: float
 
+    def evaluations(self, start_step: int = 0) -> int:
+        """Model evaluations of a run that starts at step `start_step` (image-to-image)."""
+        return len(self.timesteps) - start_step * self.order
+
 
 def read_config(
     name: str,
