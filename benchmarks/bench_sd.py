@@ -441,6 +441,9 @@ def table(r: dict) -> str:
     row("text-to-image cold, process start to PNG (s)", t["diffusers"]["cold_s"], t["fp32"]["cold_s"],
         get(t, "int8", "cold_s"), "{:.1f}", "<= 0.5x")
     row("  same, session cache off (s)", t["diffusers"]["cold_s"], t["fp32_no_cache"]["cold_s"], None, "{:.1f}", "")
+    startup = lambda name: t[name]["cold_s"] - t[name]["warm_s"] if name in t else None  # noqa: E731
+    row("  cold minus warm: imports, loading, first-run set-up (s)", startup("diffusers"), startup("fp32"),
+        startup("int8"), "{:.1f}", "")
     row("text-to-image peak RSS (MB)", t["diffusers"]["peak_rss_mb"], t["fp32"]["peak_rss_mb"],
         get(t, "int8", "peak_rss_mb"), "{:.0f}", "<= 0.8x")
     row("  low_memory (one component at a time) (MB)", t["diffusers"]["peak_rss_mb"],

@@ -1,0 +1,252 @@
+"""Where a UNet step's time goes, and how close it runs to what this CPU can do.
+
+    python benchmarks/profile_unet.py --onnx FOLDER [--int8 FOLDER] [--model DIFFUSERS_FOLDER]
+                                      [--size 512] [--out benchmarks/results/profile.json]
+
+One batch-2 UNet step (classifier-free guidance) of each sdport folder under onnxruntime's
+profiler, after a warm-up: time per operator type, and that type's arithmetic, counted from the
+shapes the profiler records (2 operations per multiply-add), so its rate in GFLOP/s. Beside it,
+in the same run and at the same thread count:
+
+  GEMM ceiling  the rate of one large matrix product (4096 x 4096 x 4096): fp32 in onnxruntime
+                and in PyTorch, int8 in onnxruntime (DynamicQuantizeMatMul, as in the int8 UNet).
+                Convolutions and attention rarely run faster than this on a CPU.
+  PyTorch       with --model, diffusers' UNet on the same weights and inputs (median of --runs):
+                its step time, and its rate over the same arithmetic.
+
+The floor a step could reach at the ceiling is (arithmetic / ceiling); a target below that floor
+can't be met by scheduling or fusion, only by doing less arithmetic or cheaper arithmetic (int8).
+Each measurement runs in a fresh process (bench_sd.spawn), under --lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import bench_sd  # noqa: E402  (after the path setup)
+
+GEMM = 4096  # M = K = N of the ceiling's matrix product
+GEMM_RUNS = 5
+
+
+# --- arithmetic per node, from the profiler's recorded shapes ----------------------------------
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+def node_flops(op: str, inputs: list[list[int]], outputs: list[list[int]]) -> int:
+    """Operations (2 per multiply-add) of one node; 0 for the types that do no products."""
+    if op in ("Conv", "ConvInteger", "FusedConv", "QLinearConv"):
+        weight = inputs[3] if op == "QLinearConv" else inputs[1]  # [Cout, Cin/groups, kh, kw]
+        return 2 * _prod(outputs[0]) * _prod(weight[1:])
+    if op in ("MatMul", "FusedMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"):
+        return 2 * _prod(outputs[0]) * int(inputs[0][-1])
+    if op == "Gemm":
+        return 2 * _prod(outputs[0]) * (_prod(inputs[0]) // int(outputs[0][0]))  # A [M, K] (no transA in SD)
+    if op == "MultiHeadAttention":  # q [B, S, D]; k [B, Sk, D] (or [B, N, Sk, H] when pre-split)
+        q, k = inputs[0], inputs[1]
+        kv_length = k[1] if len(k) == 3 else k[2]
+        return 4 * _prod(q) * int(kv_length)  # Q.K^T and P.V
+    if op == "Attention":  # packed QKV projection + attention; weights [Din, 3D]
+        x, w = inputs[0], inputs[1]
+        tokens = _prod(x[:-1])
+        hidden = int(w[1]) // 3
+        return 2 * tokens * int(x[-1]) * int(w[1]) + 4 * tokens * int(x[1]) * hidden
+    return 0
+
+
+def summarize_profile(events: list[dict], run_index: int, runs: int) -> dict:
+    """Per operator type: seconds, share and operations of run `run_index` of `runs` in the trace."""
+    nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    per_run = len(nodes) // runs
+    chosen = nodes[run_index * per_run:(run_index + 1) * per_run]
+    seconds: dict[str, float] = collections.Counter()
+    flops: dict[str, int] = collections.Counter()
+    count: dict[str, int] = collections.Counter()
+    for e in chosen:
+        op = e["args"]["op_name"]
+        shapes_in = [next(iter(s.values())) for s in e["args"].get("input_type_shape", [])]
+        shapes_out = [next(iter(s.values())) for s in e["args"].get("output_type_shape", [])]
+        seconds[op] += e["dur"] / 1e6
+        flops[op] += node_flops(op, shapes_in, shapes_out)
+        count[op] += 1
+    total = sum(seconds.values())
+    ops = {op: {"s": s, "share": s / total, "gflop": flops[op] / 1e9, "nodes": count[op]}
+           for op, s in sorted(seconds.items(), key=lambda kv: -kv[1])}
+    return {"kernel_s": total, "gflop": sum(flops.values()) / 1e9, "ops": ops}
+
+
+# --- workers: each runs in its own process and prints one JSON line ----------------------------
+
+
+def worker_profile_sdport(folder: str, size: int) -> dict:
+    from sdport.export.quantize import unet_feeds
+    from sdport.models.manifest import read_manifest
+    from sdport.runtime.sessions import check_graph_files, open_session
+
+    manifest = read_manifest(Path(folder))
+    spec = manifest.graphs["unet"]
+    prefix = str(Path(tempfile.mkdtemp(prefix="sdport-profile-")) / "unet")
+    session = open_session(check_graph_files(Path(folder), spec.file), "cpu", spec.optimization == "ort",
+                           ["CPUExecutionProvider"], profile_prefix=prefix)
+    feeds = unet_feeds(manifest, size // manifest.vae_scale)
+    session.run(None, feeds)  # warm-up: the first run allocates and is profiled apart
+    t = time.perf_counter()
+    session.run(None, feeds)
+    step = time.perf_counter() - t
+    trace = Path(session.end_profiling())
+    summary = summarize_profile(json.loads(trace.read_text()), run_index=1, runs=2)
+    trace.unlink()
+    return {"step_s": step, **summary}
+
+
+def _best_rate(run, flops: int) -> float:
+    run()  # warm-up
+    best = min(_timed(run) for _ in range(GEMM_RUNS))
+    return flops / best / 1e9
+
+
+def _timed(run) -> float:
+    t = time.perf_counter()
+    run()
+    return time.perf_counter() - t
+
+
+def worker_gemm_onnxruntime() -> dict:
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdport.runtime.sessions import session_options
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((GEMM, GEMM), dtype=np.float32)
+    b = rng.standard_normal((GEMM, GEMM), dtype=np.float32)
+    b_int8 = rng.integers(-127, 128, (GEMM, GEMM), dtype=np.int8)
+    rates = {}
+    for name, node, initializers in (
+        ("fp32", helper.make_node("MatMul", ["a", "b"], ["y"]), [numpy_helper.from_array(b, "b")]),
+        ("int8", helper.make_node("DynamicQuantizeMatMul", ["a", "b", "b_scale"], ["y"], domain="com.microsoft"),
+         [numpy_helper.from_array(b_int8, "b"), numpy_helper.from_array(np.array(0.01, np.float32), "b_scale")]),
+    ):
+        graph = helper.make_graph([node], name, [helper.make_tensor_value_info("a", TensorProto.FLOAT, [GEMM, GEMM])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [GEMM, GEMM])], initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options("cpu", fused=True),
+                                       providers=["CPUExecutionProvider"])
+        rates[name] = _best_rate(lambda: session.run(None, {"a": a}), 2 * GEMM**3)
+    return {"fp32_gflops": rates["fp32"], "int8_gops": rates["int8"]}
+
+
+def worker_gemm_torch() -> dict:
+    torch = bench_sd._torch_setup()
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(GEMM, GEMM, generator=g)
+    b = torch.randn(GEMM, GEMM, generator=g)
+    return {"fp32_gflops": _best_rate(lambda: torch.mm(a, b), 2 * GEMM**3)}
+
+
+worker_unet_torch = bench_sd.worker_unet_torch
+WORKERS = {name[len("worker_"):]: fn for name, fn in globals().items() if name.startswith("worker_")}
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def bench(args) -> dict:
+    def spawn(worker: str, **kwargs) -> dict:
+        return bench_sd.spawn(worker, args.lock, script=__file__, **kwargs)
+
+    folders = {"fp32": args.onnx, **({"int8": args.int8} if args.int8 else {})}
+    result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": bench_sd.machine(),
+              "size": args.size, "folders": {k: str(v) for k, v in folders.items()}}
+    result["gemm"] = {"onnxruntime": spawn("gemm_onnxruntime")}
+    if args.model:
+        result["gemm"]["torch"] = spawn("gemm_torch")
+        torch_step = spawn("unet_torch", model=str(args.model), size=args.size, runs=args.runs)
+        result["torch"] = {"step_s": bench_sd.median(torch_step["times_s"])}
+    result["sdport"] = {name: spawn("profile_sdport", folder=str(folder), size=args.size)
+                        for name, folder in folders.items()}
+    return result
+
+
+def _is_int8(op: str) -> bool:
+    return "Integer" in op or "Quantize" in op  # ConvInteger, DynamicQuantizeMatMul, ...
+
+
+def table(r: dict) -> str:
+    gemm = r["gemm"]
+    # The best fp32 product rate measured on this machine, by either library: the ceiling.
+    fp32_ceiling = max(g["fp32_gflops"] for g in gemm.values())
+    int8_ceiling = gemm["onnxruntime"]["int8_gops"]
+    lines = [f"UNet step, batch 2, {r['size']}x{r['size']}; {r['machine']['cpu']}, {r['machine']['threads']} threads; "
+             f"{r['date']}. GEMM ({GEMM}^3, best of {GEMM_RUNS}): onnxruntime fp32 "
+             f"{gemm['onnxruntime']['fp32_gflops']:.0f} GFLOP/s, int8 {int8_ceiling:.0f} GOP/s"
+             + (f"; PyTorch fp32 {gemm['torch']['fp32_gflops']:.0f} GFLOP/s" if "torch" in gemm else "")
+             + ". Ceilings: the faster fp32 GEMM, the int8 GEMM.", ""]
+    for name, p in r["sdport"].items():
+        lines += [f"sdport {name}: step {p['step_s']:.2f} s, {p['gflop']:.4g} GFLOP, "
+                  f"{p['gflop'] / p['step_s']:.0f} GFLOP/s overall", "",
+                  "| operator | nodes | time (s) | share | GFLOP | GFLOP/s | of its ceiling |",
+                  "|---|---|---|---|---|---|---|"]
+        for op, o in p["ops"].items():
+            if o["share"] < 0.005:
+                continue
+            rate = o["gflop"] / o["s"] if o["gflop"] else None
+            ceiling = int8_ceiling if _is_int8(op) else fp32_ceiling
+            lines.append(f"| {op} | {o['nodes']} | {o['s']:.2f} | {100 * o['share']:.1f}% | "
+                         + (f"{o['gflop']:.4g} | {rate:.0f} | {100 * rate / ceiling:.0f}% |" if rate else "- | - | - |"))
+        lines.append("")
+    fp32 = r["sdport"]["fp32"]
+    floor = fp32["gflop"] / fp32_ceiling
+    lines.append(f"fp32 floor: {fp32['gflop']:.4g} GFLOP at the fp32 ceiling ({fp32_ceiling:.0f} GFLOP/s) = "
+                 f"{floor:.2f} s per step.")
+    if "torch" in r:
+        t = r["torch"]["step_s"]
+        lines.append(f"PyTorch (diffusers eager fp32): {t:.2f} s per step = {fp32['gflop'] / t:.0f} GFLOP/s over the "
+                     f"same arithmetic. Ratios to it: the fp32 floor {floor / t:.2f}x"
+                     + "".join(f", sdport {n} {p['step_s'] / t:.2f}x" for n, p in r["sdport"].items()) + ".")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--onnx", type=Path, help="an sdport fp32 export")
+    parser.add_argument("--int8", type=Path, default=None, help="its int8 folder (sdport quantize)")
+    parser.add_argument("--model", type=Path, default=None, help="the diffusers folder, for PyTorch's step")
+    parser.add_argument("--size", type=int, default=512, help="image size in pixels")
+    parser.add_argument("--runs", type=int, default=3, help="timed PyTorch runs (after a warm-up)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "profile.json")
+    parser.add_argument("--lock", default="/tmp/sd15.lock", help="flock file taken per measurement")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--args", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = WORKERS[args.worker](**json.loads(args.args))
+        result["peak_rss_mb"] = bench_sd.peak_rss_mb()
+        print(json.dumps(result))
+        return
+    if not args.onnx:
+        parser.error("--onnx is required")
+    bench_sd.run_and_write(args, bench, table)
+
+
+if __name__ == "__main__":
+    main()
