@@ -10,7 +10,8 @@ is shared and noisy, so compare ratios, not absolute times across runs.
 
   unet step     one UNet evaluation, batch 2 (classifier-free guidance), fp32 (and int8), per size
   text-to-image --steps steps at --image-size: cold = process start to PNG written (imports and
-                sessions included), warm = a second image in the same process
+                sessions included), warm = a second image in the same process; their
+                difference is what starting cold costs
   memory        peak RSS of each process; sdport's low_memory mode (one component at a time)
   overhead      sdport's scheduler + Python time per step, as a share of the step
   install       a fresh venv with sdport's base install vs one that can run diffusers (cached)

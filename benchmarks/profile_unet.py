@@ -1,7 +1,8 @@
-"""Where a UNet step's time goes, and how close it runs to what this CPU can do.
+"""Where a UNet step's (or VAE decode's) time goes, and how close it runs to what this CPU can do.
 
     python benchmarks/profile_unet.py --onnx FOLDER [--int8 FOLDER] [--model DIFFUSERS_FOLDER]
-                                      [--size 512] [--out benchmarks/results/profile.json]
+                                      [--size 512] [--graph unet|vae_decoder]
+                                      [--out benchmarks/results/profile.json]
 
 One batch-2 UNet step (classifier-free guidance) of each sdport folder under onnxruntime's
 profiler, after a warm-up: time per operator type, and that type's arithmetic, counted from the
@@ -95,25 +96,34 @@ def summarize_profile(events: list[dict], run_index: int, runs: int) -> dict:
 # --- workers: each runs in its own process and prints one JSON line ----------------------------
 
 
-def worker_profile_sdport(folder: str, size: int) -> dict:
+def worker_profile_sdport(folder: str, size: int, graph: str = "unet") -> dict:
+    import numpy as np
+
     from sdport.export.quantize import unet_feeds
     from sdport.models.manifest import read_manifest
-    from sdport.runtime.sessions import check_graph_files, open_session
+    from sdport.runtime.sessions import NO_ARENA, check_graph_files, open_session
 
     manifest = read_manifest(Path(folder))
-    spec = manifest.graphs["unet"]
-    prefix = str(Path(tempfile.mkdtemp(prefix="sdport-profile-")) / "unet")
-    session = open_session(check_graph_files(Path(folder), spec.file), "cpu", spec.optimization == "ort",
-                           ["CPUExecutionProvider"], profile_prefix=prefix)
-    feeds = unet_feeds(manifest, size // manifest.vae_scale)
-    session.run(None, feeds)  # warm-up: the first run allocates and is profiled apart
-    t = time.perf_counter()
-    session.run(None, feeds)
-    step = time.perf_counter() - t
+    spec = manifest.graphs[graph]
+    fused = spec.optimization == "ort"
+    prefix = str(Path(tempfile.mkdtemp(prefix="sdport-profile-")) / graph)
+    session = open_session(check_graph_files(Path(folder), spec.file), "cpu", fused, ["CPUExecutionProvider"],
+                           arena=False if graph in NO_ARENA else fused, profile_prefix=prefix)  # as the pipeline
+    latent = size // manifest.vae_scale
+    if graph == "unet":
+        feeds = unet_feeds(manifest, latent)
+    else:  # one image's latents, as the pipeline decodes them
+        noise = np.random.default_rng(0).standard_normal((1, manifest.latent_channels, latent, latent))
+        feeds = {"latent_sample": noise.astype(np.float32)}
+    times = []
+    for _ in range(2):  # the first run allocates (and, without an arena, page-faults) its memory
+        t = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - t)
     trace = Path(session.end_profiling())
     summary = summarize_profile(json.loads(trace.read_text()), run_index=1, runs=2)
     trace.unlink()
-    return {"step_s": step, **summary}
+    return {"first_s": times[0], "step_s": times[1], **summary}
 
 
 def _best_rate(run, flops: int) -> float:
@@ -162,6 +172,22 @@ def worker_gemm_torch() -> dict:
     return {"fp32_gflops": _best_rate(lambda: torch.mm(a, b), 2 * GEMM**3)}
 
 
+def worker_vae_torch(model: str, size: int, runs: int) -> dict:
+    torch = bench_sd._torch_setup()
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae").eval()
+    latent = size // 8
+    sample = torch.randn(1, vae.config.latent_channels, latent, latent, generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.inference_mode():
+        for _ in range(runs + 1):  # the first is the warm-up
+            t = time.perf_counter()
+            vae.decode(sample)
+            times.append(time.perf_counter() - t)
+    return {"warmup_s": times[0], "times_s": times[1:]}
+
+
 worker_unet_torch = bench_sd.worker_unet_torch
 WORKERS = {name[len("worker_"):]: fn for name, fn in globals().items() if name.startswith("worker_")}
 
@@ -176,13 +202,14 @@ def bench(args) -> dict:
     folders = {"fp32": args.onnx, **({"int8": args.int8} if args.int8 else {})}
     result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": bench_sd.machine(),
-              "size": args.size, "folders": {k: str(v) for k, v in folders.items()}}
+              "graph": args.graph, "size": args.size, "folders": {k: str(v) for k, v in folders.items()}}
     result["gemm"] = {"onnxruntime": spawn("gemm_onnxruntime")}
     if args.model:
         result["gemm"]["torch"] = spawn("gemm_torch")
-        torch_step = spawn("unet_torch", model=str(args.model), size=args.size, runs=args.runs)
-        result["torch"] = {"step_s": bench_sd.median(torch_step["times_s"])}
-    result["sdport"] = {name: spawn("profile_sdport", folder=str(folder), size=args.size)
+        torch_run = spawn("unet_torch" if args.graph == "unet" else "vae_torch", model=str(args.model),
+                          size=args.size, runs=args.runs)
+        result["torch"] = {"first_s": torch_run["warmup_s"], "step_s": bench_sd.median(torch_run["times_s"])}
+    result["sdport"] = {name: spawn("profile_sdport", folder=str(folder), size=args.size, graph=args.graph)
                         for name, folder in folders.items()}
     return result
 
@@ -196,13 +223,14 @@ def table(r: dict) -> str:
     # The best fp32 product rate measured on this machine, by either library: the ceiling.
     fp32_ceiling = max(g["fp32_gflops"] for g in gemm.values())
     int8_ceiling = gemm["onnxruntime"]["int8_gops"]
-    lines = [f"UNet step, batch 2, {r['size']}x{r['size']}; {r['machine']['cpu']}, {r['machine']['threads']} threads; "
+    what = "UNet step, batch 2" if r.get("graph", "unet") == "unet" else "VAE decoder run, batch 1"
+    lines = [f"{what}, {r['size']}x{r['size']}; {r['machine']['cpu']}, {r['machine']['threads']} threads; "
              f"{r['date']}. GEMM ({GEMM}^3, best of {GEMM_RUNS}): onnxruntime fp32 "
              f"{gemm['onnxruntime']['fp32_gflops']:.0f} GFLOP/s, int8 {int8_ceiling:.0f} GOP/s"
              + (f"; PyTorch fp32 {gemm['torch']['fp32_gflops']:.0f} GFLOP/s" if "torch" in gemm else "")
              + ". Ceilings: the faster fp32 GEMM, the int8 GEMM.", ""]
     for name, p in r["sdport"].items():
-        lines += [f"sdport {name}: step {p['step_s']:.2f} s, {p['gflop']:.4g} GFLOP, "
+        lines += [f"sdport {name}: {p['step_s']:.2f} s per run ({p['first_s']:.2f} s the first), {p['gflop']:.4g} GFLOP, "
                   f"{p['gflop'] / p['step_s']:.0f} GFLOP/s overall", "",
                   "| operator | nodes | time (s) | share | GFLOP | GFLOP/s | of its ceiling |",
                   "|---|---|---|---|---|---|---|"]
@@ -217,10 +245,11 @@ def table(r: dict) -> str:
     fp32 = r["sdport"]["fp32"]
     floor = fp32["gflop"] / fp32_ceiling
     lines.append(f"fp32 floor: {fp32['gflop']:.4g} GFLOP at the fp32 ceiling ({fp32_ceiling:.0f} GFLOP/s) = "
-                 f"{floor:.2f} s per step.")
+                 f"{floor:.2f} s per run.")
     if "torch" in r:
         t = r["torch"]["step_s"]
-        lines.append(f"PyTorch (diffusers eager fp32): {t:.2f} s per step = {fp32['gflop'] / t:.0f} GFLOP/s over the "
+        lines.append(f"PyTorch (diffusers eager fp32): {t:.2f} s per run ({r['torch']['first_s']:.2f} s the first) = "
+                     f"{fp32['gflop'] / t:.0f} GFLOP/s over the "
                      f"same arithmetic. Ratios to it: the fp32 floor {floor / t:.2f}x"
                      + "".join(f", sdport {n} {p['step_s'] / t:.2f}x" for n, p in r["sdport"].items()) + ".")
     return "\n".join(lines)
@@ -232,6 +261,8 @@ def main() -> None:
     parser.add_argument("--int8", type=Path, default=None, help="its int8 folder (sdport quantize)")
     parser.add_argument("--model", type=Path, default=None, help="the diffusers folder, for PyTorch's step")
     parser.add_argument("--size", type=int, default=512, help="image size in pixels")
+    parser.add_argument("--graph", choices=["unet", "vae_decoder"], default="unet",
+                        help="the graph to profile (vae_decoder: batch 1, as the pipeline decodes)")
     parser.add_argument("--runs", type=int, default=3, help="timed PyTorch runs (after a warm-up)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "profile.json")
     parser.add_argument("--lock", default="/tmp/sd15.lock", help="flock file taken per measurement")
