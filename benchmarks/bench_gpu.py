@@ -326,13 +326,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10, help="timed runs per UNet measurement")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "gpu.json")
     parser.add_argument("--dry-run", action="store_true", help="the same code on CPU, to check the script")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--args", help=argparse.SUPPRESS)
+    bench_sd.add_worker_arguments(parser)
     args = parser.parse_args()
-    if args.worker:
-        result = WORKERS[args.worker](**json.loads(args.args))
-        result["peak_rss_mb"] = bench_sd.peak_rss_mb()
-        print(json.dumps(result))
+    if bench_sd.run_worker(WORKERS, args):
         return
     if not (args.model and args.onnx):
         parser.error("--model and --onnx are required")

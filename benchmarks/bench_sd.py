@@ -244,10 +244,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _run_worker(name: str, args: dict) -> None:
-    result = WORKERS[name](**args)
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hidden arguments `spawn` runs a script's worker with."""
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--args", help=argparse.SUPPRESS)
+
+
+def run_worker(workers: dict, args: argparse.Namespace) -> bool:
+    """In a process `spawn` started, runs the worker named by --worker, prints its result as one JSON
+    line and returns True; otherwise returns False."""
+    if not args.worker:
+        return False
+    result = workers[args.worker](**json.loads(args.args))
     result["peak_rss_mb"] = peak_rss_mb()  # imports and sessions included
     print(json.dumps(result))
+    return True
 
 
 def median(values: list[float]) -> float:
@@ -490,11 +501,9 @@ def main() -> None:
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 folder")
     parser.add_argument("--skip-install", action="store_true", help="skip the install-size measurement")
     parser.add_argument("--lock", default="/tmp/sd15.lock", help="flock file taken per sd15 measurement")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--args", help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args()
-    if args.worker:
-        _run_worker(args.worker, json.loads(args.args))
+    if run_worker(WORKERS, args):
         return
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.steps = args.steps or (5 if args.model == "sd15" else 10)

@@ -266,13 +266,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed PyTorch runs (after a warm-up)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "profile.json")
     parser.add_argument("--lock", default="/tmp/sd15.lock", help="flock file taken per measurement")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--args", help=argparse.SUPPRESS)
+    bench_sd.add_worker_arguments(parser)
     args = parser.parse_args()
-    if args.worker:
-        result = WORKERS[args.worker](**json.loads(args.args))
-        result["peak_rss_mb"] = bench_sd.peak_rss_mb()
-        print(json.dumps(result))
+    if bench_sd.run_worker(WORKERS, args):
         return
     if not args.onnx:
         parser.error("--onnx is required")
