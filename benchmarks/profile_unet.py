@@ -56,19 +56,26 @@ def node_flops(op: str, inputs: list[list[int]], outputs: list[list[int]]) -> in
     if op in ("Conv", "ConvInteger", "FusedConv", "QLinearConv"):
         weight = inputs[3] if op == "QLinearConv" else inputs[1]  # [Cout, Cin/groups, kh, kw]
         return 2 * _prod(outputs[0]) * _prod(weight[1:])
-    if op in ("MatMul", "FusedMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"):
-        return 2 * _prod(outputs[0]) * int(inputs[0][-1])
-    if op == "Gemm":
-        return 2 * _prod(outputs[0]) * (_prod(inputs[0]) // int(outputs[0][0]))  # A [M, K] (no transA in SD)
+    if op in ("MatMul", "FusedMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "Gemm"):
+        # B's last two dims are K and N in either order (transposed or not), and N is the output's last.
+        inner = _prod(inputs[1][-2:]) // int(outputs[0][-1])
+        return 2 * _prod(outputs[0]) * inner
+    if op == "Attention":  # packed QKV projection + attention; x [B, S, Din], weights [Din, 3D]
+        x, w = inputs[0], inputs[1]
+        return 2 * _prod(x) * int(w[1]) + attention_flops(op, inputs)
+    return attention_flops(op, inputs)
+
+
+def attention_flops(op: str, inputs: list[list[int]]) -> int:
+    """The Q.K^T and P.V products of an attention node (PyTorch's FlopCounterMode has no formula for
+    its CPU attention kernel, so these are what its count leaves out)."""
     if op == "MultiHeadAttention":  # q [B, S, D]; k [B, Sk, D] (or [B, N, Sk, H] when pre-split)
         q, k = inputs[0], inputs[1]
         kv_length = k[1] if len(k) == 3 else k[2]
-        return 4 * _prod(q) * int(kv_length)  # Q.K^T and P.V
-    if op == "Attention":  # packed QKV projection + attention; weights [Din, 3D]
+        return 4 * _prod(q) * int(kv_length)
+    if op == "Attention":
         x, w = inputs[0], inputs[1]
-        tokens = _prod(x[:-1])
-        hidden = int(w[1]) // 3
-        return 2 * tokens * int(x[-1]) * int(w[1]) + 4 * tokens * int(x[1]) * hidden
+        return 4 * _prod(x[:-1]) * int(x[1]) * (int(w[1]) // 3)
     return 0
 
 
@@ -80,17 +87,19 @@ def summarize_profile(events: list[dict], run_index: int, runs: int) -> dict:
     seconds: dict[str, float] = collections.Counter()
     flops: dict[str, int] = collections.Counter()
     count: dict[str, int] = collections.Counter()
+    attention = 0
     for e in chosen:
         op = e["args"]["op_name"]
         shapes_in = [next(iter(s.values())) for s in e["args"].get("input_type_shape", [])]
         shapes_out = [next(iter(s.values())) for s in e["args"].get("output_type_shape", [])]
         seconds[op] += e["dur"] / 1e6
         flops[op] += node_flops(op, shapes_in, shapes_out)
+        attention += attention_flops(op, shapes_in)
         count[op] += 1
     total = sum(seconds.values())
     ops = {op: {"s": s, "share": s / total, "gflop": flops[op] / 1e9, "nodes": count[op]}
            for op, s in sorted(seconds.items(), key=lambda kv: -kv[1])}
-    return {"kernel_s": total, "gflop": sum(flops.values()) / 1e9, "ops": ops}
+    return {"kernel_s": total, "gflop": sum(flops.values()) / 1e9, "attention_gflop": attention / 1e9, "ops": ops}
 
 
 # --- workers: each runs in its own process and prints one JSON line ----------------------------
@@ -188,6 +197,33 @@ def worker_vae_torch(model: str, size: int, runs: int) -> dict:
     return {"warmup_s": times[0], "times_s": times[1:]}
 
 
+def worker_flops_torch(model: str, size: int, graph: str) -> dict:
+    """The same graph's arithmetic as PyTorch's own FlopCounterMode counts it (attention left out):
+    an independent check of the count taken from onnxruntime's profile."""
+    torch = bench_sd._torch_setup()
+    from torch.utils.flop_counter import FlopCounterMode
+
+    latent = size // 8
+    g = torch.Generator().manual_seed(0)
+    if graph == "unet":
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").eval()
+        inputs = (torch.randn(2, unet.config.in_channels, latent, latent, generator=g), torch.tensor(500.0),
+                  torch.randn(2, 77, unet.config.cross_attention_dim, generator=g))
+        run = lambda: unet(*inputs)  # noqa: E731
+    else:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae").eval()
+        sample = torch.randn(1, vae.config.latent_channels, latent, latent, generator=g)
+        run = lambda: vae.decode(sample)  # noqa: E731
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        run()
+    return {"gflop": counter.get_total_flops() / 1e9}
+
+
 worker_unet_torch = bench_sd.worker_unet_torch
 WORKERS = {name[len("worker_"):]: fn for name, fn in globals().items() if name.startswith("worker_")}
 
@@ -208,7 +244,8 @@ def bench(args) -> dict:
         result["gemm"]["torch"] = spawn("gemm_torch")
         torch_run = spawn("unet_torch" if args.graph == "unet" else "vae_torch", model=str(args.model),
                           size=args.size, runs=args.runs)
-        result["torch"] = {"first_s": torch_run["warmup_s"], "step_s": bench_sd.median(torch_run["times_s"])}
+        result["torch"] = {"first_s": torch_run["warmup_s"], "step_s": bench_sd.median(torch_run["times_s"]),
+                           "gflop": spawn("flops_torch", model=str(args.model), size=args.size, graph=args.graph)["gflop"]}
     result["sdport"] = {name: spawn("profile_sdport", folder=str(folder), size=args.size, graph=args.graph)
                         for name, folder in folders.items()}
     return result
@@ -246,6 +283,12 @@ def table(r: dict) -> str:
     floor = fp32["gflop"] / fp32_ceiling
     lines.append(f"fp32 floor: {fp32['gflop']:.4g} GFLOP at the fp32 ceiling ({fp32_ceiling:.0f} GFLOP/s) = "
                  f"{floor:.2f} s per run.")
+    if "gflop" in r.get("torch", {}):
+        outside = fp32["gflop"] - fp32["attention_gflop"]
+        lines.append(f"Check of the count: outside attention (Q.K^T, P.V: {fp32['attention_gflop']:.4g} GFLOP) "
+                     f"onnxruntime's profile gives {outside:.4g} GFLOP and PyTorch's FlopCounterMode, which has "
+                     f"no formula for its CPU attention kernel, {r['torch']['gflop']:.4g} "
+                     f"({r['torch']['gflop'] / outside:.4f}x).")
     if "torch" in r:
         t = r["torch"]["step_s"]
         lines.append(f"PyTorch (diffusers eager fp32): {t:.2f} s per run ({r['torch']['first_s']:.2f} s the first) = "
