@@ -4,16 +4,17 @@
                                       [--size 512] [--graph unet|vae_decoder]
                                       [--out benchmarks/results/profile.json]
 
-One batch-2 UNet step (classifier-free guidance) of each sdport folder under onnxruntime's
-profiler, after a warm-up: time per operator type, and that type's arithmetic, counted from the
-shapes the profiler records (2 operations per multiply-add), so its rate in GFLOP/s. Beside it,
-in the same run and at the same thread count:
+One batch-2 UNet step (classifier-free guidance), or one batch-1 VAE decode, of each sdport
+folder under onnxruntime's profiler, after a first run: time per operator type, and that type's
+arithmetic, counted from the shapes the profiler records (2 operations per multiply-add), so its
+rate in GFLOP/s. Beside it, in the same run and at the same thread count:
 
   GEMM ceiling  the rate of one large matrix product (4096 x 4096 x 4096): fp32 in onnxruntime
                 and in PyTorch, int8 in onnxruntime (DynamicQuantizeMatMul, as in the int8 UNet).
                 Convolutions and attention rarely run faster than this on a CPU.
-  PyTorch       with --model, diffusers' UNet on the same weights and inputs (median of --runs):
-                its step time, and its rate over the same arithmetic.
+  PyTorch       with --model, diffusers' model on the same weights and inputs (median of --runs):
+                its time, its rate over the same arithmetic, and its own count of that arithmetic
+                (torch's FlopCounterMode, which leaves out attention) as a check of ours.
 
 The floor a step could reach at the ceiling is (arithmetic / ceiling); a target below that floor
 can't be met by scheduling or fusion, only by doing less arithmetic or cheaper arithmetic (int8).
@@ -110,14 +111,14 @@ def worker_profile_sdport(folder: str, size: int, graph: str = "unet") -> dict:
 
     from sdport.export.quantize import unet_feeds
     from sdport.models.manifest import read_manifest
-    from sdport.runtime.sessions import NO_ARENA, check_graph_files, open_session
+    from sdport.runtime.sessions import check_graph_files, open_session, uses_cpu_arena
 
     manifest = read_manifest(Path(folder))
     spec = manifest.graphs[graph]
     fused = spec.optimization == "ort"
     prefix = str(Path(tempfile.mkdtemp(prefix="sdport-profile-")) / graph)
     session = open_session(check_graph_files(Path(folder), spec.file), "cpu", fused, ["CPUExecutionProvider"],
-                           arena=False if graph in NO_ARENA else fused, profile_prefix=prefix)  # as the pipeline
+                           arena=uses_cpu_arena(graph, fused), profile_prefix=prefix)  # as the pipeline
     latent = size // manifest.vae_scale
     if graph == "unet":
         feeds = unet_feeds(manifest, latent)
@@ -132,6 +133,7 @@ def worker_profile_sdport(folder: str, size: int, graph: str = "unet") -> dict:
     trace = Path(session.end_profiling())
     summary = summarize_profile(json.loads(trace.read_text()), run_index=1, runs=2)
     trace.unlink()
+    trace.parent.rmdir()
     return {"first_s": times[0], "step_s": times[1], **summary}
 
 

@@ -52,6 +52,11 @@ Say = Callable[[str], None]
 NO_ARENA = ("vae_decoder", "vae_encoder")
 
 
+def uses_cpu_arena(name: str, fused: bool) -> bool:
+    """Whether graph `name` runs with onnxruntime's CPU arena (see session_options and NO_ARENA)."""
+    return fused and name not in NO_ARENA
+
+
 def available_providers() -> list[str]:
     """Our short names of the providers this onnxruntime build has, in preference order."""
     have = set(ort.get_available_providers())
@@ -309,7 +314,7 @@ class Graph:
         printed = io.StringIO()  # onnxruntime print()s its provider fallbacks to stdout
         try:
             with contextlib.redirect_stdout(printed):
-                arena = False if name in NO_ARENA else fused
+                arena = uses_cpu_arena(name, fused)
                 self.session = open_session(path, provider, fused, providers, arena)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
