@@ -27,7 +27,6 @@ import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -54,31 +53,13 @@ def gpu_memory_peak(result: dict):
 
     pynvml.nvmlInit()
     handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-    start = pynvml.nvmlDeviceGetMemoryInfo(handle).used
-    peak = {"used": start}
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.005):
-            peak["used"] = max(peak["used"], pynvml.nvmlDeviceGetMemoryInfo(handle).used)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
+    with bench_sd.sampled_peak(lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used, 0.005) as used:
         yield
-    finally:
-        done.set()
-        thread.join()
-        peak["used"] = max(peak["used"], pynvml.nvmlDeviceGetMemoryInfo(handle).used)
-        result["gpu_peak_mb"] = (peak["used"] - start) / 2**20
+    result["gpu_peak_mb"] = (used["peak"] - used["start"]) / 2**20
 
 
 def _timed(step, runs: int) -> dict:
-    times = []
-    for _ in range(WARMUPS + runs):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
+    times = bench_sd.run_times(step, WARMUPS + runs)
     return {"warmup_s": times[:WARMUPS], "times_s": times[WARMUPS:], "median_s": bench_sd.median(times[WARMUPS:])}
 
 

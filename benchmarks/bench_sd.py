@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -66,6 +67,16 @@ def _torch_setup():
     return torch
 
 
+def run_times(step: Callable[[], object], count: int) -> list[float]:
+    """Seconds taken by each of `count` calls of `step` (callers treat the first as a warm-up)."""
+    times = []
+    for _ in range(count):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def worker_unet_torch(model: str, size: int, runs: int) -> dict:
     torch = _torch_setup()
     from diffusers import UNet2DConditionModel
@@ -78,12 +89,8 @@ def worker_unet_torch(model: str, size: int, runs: int) -> dict:
     sample = torch.randn(2, unet.config.in_channels, latent, latent, generator=g)
     hidden = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
     timestep = torch.tensor(500.0)
-    times = []
     with torch.inference_mode():
-        for _ in range(runs + 1):  # the first is the warm-up
-            t = time.perf_counter()
-            unet(sample, timestep, encoder_hidden_states=hidden)
-            times.append(time.perf_counter() - t)
+        times = run_times(lambda: unet(sample, timestep, encoder_hidden_states=hidden), runs + 1)
     return {"load_s": load, "warmup_s": times[0], "times_s": times[1:]}
 
 
@@ -98,11 +105,7 @@ def worker_unet_sdport(folder: str, size: int, runs: int) -> dict:
     graph = Graph("unet", check_graph_files(Path(folder), spec.file), "cpu", spec.optimization == "ort")
     create = time.perf_counter() - t0
     feeds = unet_feeds(manifest, size // manifest.vae_scale)
-    times = []
-    for _ in range(runs + 1):
-        t = time.perf_counter()
-        graph.run(feeds)
-        times.append(time.perf_counter() - t)
+    times = run_times(lambda: graph.run(feeds), runs + 1)
     return {"create_s": create, "warmup_s": times[0], "times_s": times[1:]}
 
 
@@ -253,34 +256,46 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @contextlib.contextmanager
-def anonymous_peak(result: dict, every_s: float = 0.02):
-    """Samples this process's anonymous resident memory (RssAnon: what the kernel can't drop and
-    re-read from a file, unlike memory-mapped weights) and records its peak as peak_anon_mb."""
+def sampled_peak(read: Callable[[], float], every_s: float) -> Iterator[dict]:
+    """Calls `read` in a thread every `every_s` seconds while the block runs (and once at each end);
+    the yielded dict holds "start" and, after the block, "peak"."""
     import threading
 
-    status = Path("/proc/self/status")
-    if not status.exists():  # not Linux
-        yield
-        return
-    peak = [0]
+    sampled = {"start": read()}
+    peak = [sampled["start"]]
     done = threading.Event()
 
     def sample() -> None:
-        while True:
-            for line in status.read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    peak[0] = max(peak[0], int(line.split()[1]))
-            if done.wait(every_s):
-                return
+        while not done.wait(every_s):
+            peak[0] = max(peak[0], read())
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     try:
-        yield
+        yield sampled
     finally:
         done.set()
         thread.join()
-        result["peak_anon_mb"] = peak[0] / 1024  # KiB
+        sampled["peak"] = max(peak[0], read())
+
+
+def _rss_anon_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    return 0
+
+
+@contextlib.contextmanager
+def anonymous_peak(result: dict, every_s: float = 0.02):
+    """Samples this process's anonymous resident memory (RssAnon: what the kernel can't drop and
+    re-read from a file, unlike memory-mapped weights) and records its peak as peak_anon_mb."""
+    if not Path("/proc/self/status").exists():  # not Linux
+        yield
+        return
+    with sampled_peak(_rss_anon_kib, every_s) as sampled:
+        yield
+    result["peak_anon_mb"] = sampled["peak"] / 1024  # KiB
 
 
 def run_worker(workers: dict, args: argparse.Namespace) -> bool:

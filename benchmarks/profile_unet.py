@@ -29,7 +29,6 @@ import datetime
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,11 +124,8 @@ def worker_profile_sdport(folder: str, size: int, graph: str = "unet") -> dict:
     else:  # one image's latents, as the pipeline decodes them
         noise = np.random.default_rng(0).standard_normal((1, manifest.latent_channels, latent, latent))
         feeds = {"latent_sample": noise.astype(np.float32)}
-    times = []
-    for _ in range(2):  # the first run allocates (and, without an arena, page-faults) its memory
-        t = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - t)
+    # The first run allocates (and, without an arena, page-faults) its memory.
+    times = bench_sd.run_times(lambda: session.run(None, feeds), 2)
     trace = Path(session.end_profiling())
     summary = summarize_profile(json.loads(trace.read_text()), run_index=1, runs=2)
     trace.unlink()
@@ -138,15 +134,8 @@ def worker_profile_sdport(folder: str, size: int, graph: str = "unet") -> dict:
 
 
 def _best_rate(run, flops: int) -> float:
-    run()  # warm-up
-    best = min(_timed(run) for _ in range(GEMM_RUNS))
+    best = min(bench_sd.run_times(run, 1 + GEMM_RUNS)[1:])  # the first is the warm-up
     return flops / best / 1e9
-
-
-def _timed(run) -> float:
-    t = time.perf_counter()
-    run()
-    return time.perf_counter() - t
 
 
 def worker_gemm_onnxruntime() -> dict:
@@ -190,12 +179,8 @@ def worker_vae_torch(model: str, size: int, runs: int) -> dict:
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae").eval()
     latent = size // 8
     sample = torch.randn(1, vae.config.latent_channels, latent, latent, generator=torch.Generator().manual_seed(0))
-    times = []
     with torch.inference_mode():
-        for _ in range(runs + 1):  # the first is the warm-up
-            t = time.perf_counter()
-            vae.decode(sample)
-            times.append(time.perf_counter() - t)
+        times = bench_sd.run_times(lambda: vae.decode(sample), runs + 1)  # the first is the warm-up
     return {"warmup_s": times[0], "times_s": times[1:]}
 
 
