@@ -72,6 +72,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         config=args.config,
         family=args.family,
         prediction_type=args.prediction_type,
+        winograd=not args.no_winograd,
         report=_say(args),
     )
     return 0
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-optimize", action="store_true", help="keep the traced graphs as they are")
     export.add_argument("--portable", action="store_true",
                         help="standard ONNX operators only (onnxsim), no onnxruntime fusions")
+    export.add_argument("--no-winograd", action="store_true",
+                        help="keep 3x3 convolutions as Conv (default: Winograd form where it is faster on CPU)")
     export.add_argument("--force", action="store_true", help="replace OUT if it exists")
     export.add_argument("--allow-pickle", action="store_true",
                         help="accept pickled .ckpt/.bin checkpoints (they can run code: trusted sources only)")

@@ -104,6 +104,23 @@ def to_fp16(src: Path, dst: Path) -> str | None:
     return save_model(model.model, dst)
 
 
+def winograd_candidates(path: Path, native_dims: dict[str, list[int]]) -> int:
+    """How many 3x3 convolutions of the graph at `path` the winograd stage would rewrite."""
+    from sdport.export.winograd import conv_input_shapes, eligible_convs
+
+    model = onnx.load_model(str(path), load_external_data=False)
+    if not eligible_convs(model, None):
+        return 0
+    return len(eligible_convs(model, conv_input_shapes(model, path.parent, native_dims)))
+
+
+def winograd(src: Path, dst: Path, native_dims_json: str) -> None:
+    """3x3 convolutions that pay at the native input shapes as Winograd F(4x4, 3x3)."""
+    from sdport.export.winograd import rewrite_file
+
+    rewrite_file(src, dst, native_dims_json)
+
+
 def opset_of(path: Path) -> int:
     model = onnx.load_model(str(path), load_external_data=False)
     return max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx"))
@@ -127,8 +144,8 @@ def stamp_io(path: Path, inputs, outputs) -> None:
     onnx.save_model(model, str(path))  # the external-data references stay as they are
 
 
-if __name__ == "__main__":  # in_subprocess: python -m sdport.export.optimize STAGE SRC DST [COMPONENT]
+if __name__ == "__main__":  # in_subprocess: python -m sdport.export.optimize STAGE SRC DST [ARG]
     stage_name, src, dst, *rest = sys.argv[1:]
-    {"simplify": simplify, "fuse_for_onnxruntime": fuse_for_onnxruntime, "to_fp16": to_fp16}[stage_name](
-        Path(src), Path(dst), *rest
-    )
+    stages = {"simplify": simplify, "fuse_for_onnxruntime": fuse_for_onnxruntime, "to_fp16": to_fp16,
+              "winograd": winograd}
+    stages[stage_name](Path(src), Path(dst), *rest)

@@ -67,6 +67,8 @@ def _with_contrib_opset(src: Path, work: Path) -> Path:
     import onnx
 
     from sdport.export.attention import unpack_self_attention
+    from sdport.export.onnx_files import save_model
+    from sdport.export.winograd import has_winograd, restore_convs
     from sdport.runtime.sessions import external_data_locations
 
     work.mkdir(parents=True, exist_ok=True)
@@ -75,6 +77,13 @@ def _with_contrib_opset(src: Path, work: Path) -> Path:
     unpack_self_attention(model)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    if has_winograd(model):
+        # The quantizer makes ConvInteger of Conv nodes: Winograd convs go back to Conv, with
+        # their exact weights, which this needs in memory.
+        onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
+        restore_convs(model)
+        save_model(model, work / src.name)
+        return work / src.name
     for location in external_data_locations(src):  # copied: onnx refuses hard-linked data files
         shutil.copyfile(src.parent / location, work / location)
     onnx.save_model(model, str(work / src.name))

@@ -560,11 +560,11 @@ class Pipeline:
     def _decode(self, x: np.ndarray) -> np.ndarray:
         """latents / scaling factor through the VAE decoder -> pixels [B, 3, H, W] in about [-1, 1]."""
         latents = x / np.float32(self.manifest.vae_scaling_factor)
+        # One image at a time, as diffusers' VAE slicing: the decoder's activations dominate
+        # memory, and an image's pixels don't depend on the batch it was made in (onnxruntime's
+        # kernels split work by batch size, which moves the last bits).
         with self._graph("vae_decoder") as graph:
-            if self.low_memory:  # one image at a time: the decoder's activations dominate memory
-                pixels = np.concatenate([graph.run({"latent_sample": latents[i : i + 1]})["sample"] for i in range(len(x))])
-            else:
-                pixels = graph.run({"latent_sample": latents})["sample"]
+            pixels = np.concatenate([graph.run({"latent_sample": latents[i : i + 1]})["sample"] for i in range(len(x))])
         bad = [i for i in range(len(pixels)) if not np.isfinite(pixels[i]).all()]
         if bad:
             raise SdportError(

@@ -1,0 +1,135 @@
+"""Winograd F(4x4, 3x3) convolutions: equal to PyTorch's, undone exactly, never folded into 4x weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from test_export import CASES, TOLERANCE, torch_outputs
+
+from sdport.export import winograd
+from sdport.export.folder import export_model
+from sdport.export.quantize import quantize_unet
+
+
+def _records(path: Path) -> dict:
+    model = onnx.load_model(str(path), load_external_data=False)
+    return json.loads(next((p.value for p in model.metadata_props if p.key == winograd.WINOGRAD_KEY), "{}"))
+
+
+def _rewrite_all(src: Path, dst: Path) -> int:
+    """`src` with every plain 3x3 conv rewritten (the size rule off), saved at `dst`."""
+    model = onnx.load(str(src))
+    names = winograd.rewrite_convs(model, winograd.eligible_convs(model, None))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
+    return len(names)
+
+
+@pytest.fixture(scope="module")
+def plain_conv_dir(tiny_diffusers_dir: Path, tmp_path_factory) -> Path:
+    return export_model(tiny_diffusers_dir, tmp_path_factory.mktemp("nowino") / "onnx", winograd=False,
+                        report=None)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_diffusers_dir: Path):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(tiny_diffusers_dir, safety_checker=None)
+
+
+def test_the_transforms_compute_pytorchs_3x3_convolution_of_a_tile():
+    rng = np.random.default_rng(0)
+    tile = rng.standard_normal((6, 6)).astype(np.float32)
+    kernel = rng.standard_normal((3, 3)).astype(np.float32)
+    inputs = winograd.input_kernels().reshape(36, 36) @ tile.reshape(36)
+    weights = winograd.weight_rows() @ kernel.reshape(9)
+    got = (winograd.output_rows() @ (inputs * weights)).reshape(4, 4)
+    want = torch.nn.functional.conv2d(torch.from_numpy(tile)[None, None], torch.from_numpy(kernel)[None, None])
+    np.testing.assert_allclose(got, want[0, 0].numpy(), rtol=0, atol=1e-5 * np.abs(want.numpy()).max())
+
+
+def test_export_rewrites_the_convs_that_pay_at_the_native_size(tiny_onnx_dir: Path, plain_conv_dir: Path):
+    # The tiny UNet's native latent is 8x8 (4 tiles of 4x4: too few); its VAE works at 16-64 px.
+    assert _records(tiny_onnx_dir / "unet" / "model.onnx") == {}
+    decoder = _records(tiny_onnx_dir / "vae_decoder" / "model.onnx")
+    assert decoder and all("/decoder/" in name for name in decoder)
+    assert _records(tiny_onnx_dir / "vae_encoder" / "model.onnx")
+    manifest = json.loads((tiny_onnx_dir / "sdport.json").read_text())
+    assert manifest["graphs"]["vae_decoder"]["parity"]["winograd"]["max_rel_error"] < TOLERANCE
+    for component in ("unet", "vae_decoder", "vae_encoder"):
+        assert _records(plain_conv_dir / component / "model.onnx") == {}
+
+
+@pytest.mark.parametrize("component", ["unet", "vae_decoder", "vae_encoder"])
+def test_every_conv_rewritten_still_matches_pytorch(component, plain_conv_dir, reference, tmp_path):
+    # Sizes that are no multiple of the 4x4 tile (6x10, 3x5 ...) take the padded path.
+    path = tmp_path / component / "model.onnx"
+    assert _rewrite_all(plain_conv_dir / component / "model.onnx", path) > 0
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    for batch, h, w in CASES:
+        inputs, wanted = torch_outputs(reference, component, batch, h, w, rng)
+        for got, want in zip(session.run(None, inputs), wanted):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE * np.abs(want).max())
+
+
+def test_restore_gives_back_the_exact_conv_graph(tiny_onnx_dir: Path, plain_conv_dir: Path):
+    rewritten = onnx.load(str(tiny_onnx_dir / "vae_decoder" / "model.onnx"))
+    plain = onnx.load(str(plain_conv_dir / "vae_decoder" / "model.onnx"))
+    assert winograd.restore_convs(rewritten) == len(_records(tiny_onnx_dir / "vae_decoder" / "model.onnx"))
+    assert [(n.op_type, list(n.input), list(n.output)) for n in rewritten.graph.node] == [
+        (n.op_type, list(n.input), list(n.output)) for n in plain.graph.node
+    ]
+    want = {t.name: onnx.numpy_helper.to_array(t) for t in plain.graph.initializer}
+    got = {t.name: onnx.numpy_helper.to_array(t) for t in rewritten.graph.initializer}
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value)
+
+
+def test_onnxruntime_does_not_fold_the_weight_transform_into_stored_weights(tiny_onnx_dir, tmp_path):
+    # Folded, U = G.g.G^T would be stored: 4x the conv weights (6.8 GB on an SD 1.5 UNet).
+    src = tiny_onnx_dir / "vae_decoder" / "model.onnx"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    consumed = {name for node in optimized.graph.node if node.op_type == "MatMul" for name in node.input}
+    taps = [name for record in _records(src).values() for name in record["taps"]]
+    assert taps and set(taps) <= consumed  # the 3x3 weights ([9, K*C]) still go into a MatMul per run
+    stored = sum(int(np.prod(t.dims)) for t in optimized.graph.initializer)
+    assert stored <= sum(int(np.prod(t.dims)) for t in onnx.load(str(src)).graph.initializer)
+
+
+def test_int8_quantization_of_a_winograd_unet_equals_that_of_the_plain_one(plain_conv_dir, tmp_path):
+    plain = plain_conv_dir / "unet" / "model.onnx"
+    rewritten = tmp_path / "rewritten" / "model.onnx"
+    assert _rewrite_all(plain, rewritten) > 0
+    quantize_unet(plain, tmp_path / "from_plain" / "model.onnx")
+    quantize_unet(rewritten, tmp_path / "from_winograd" / "model.onnx")
+    from_winograd = onnx.load(str(tmp_path / "from_winograd" / "model.onnx"))
+    assert not any("/winograd/" in n.name for n in from_winograd.graph.node)
+    assert "ConvInteger" in {n.op_type for n in from_winograd.graph.node}
+
+    rng = np.random.default_rng(2)
+    feeds = {
+        "sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+        "timestep": np.array(500, dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32),
+    }
+    outputs = [
+        ort.InferenceSession(str(tmp_path / name / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        for name in ("from_plain", "from_winograd")
+    ]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    shutil.rmtree(tmp_path / "rewritten")
