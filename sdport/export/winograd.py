@@ -1,18 +1,22 @@
 """3x3 convolutions as Winograd F(4x4, 3x3): 2.25 multiplications per output instead of 9.
 
 onnxruntime's CPU Conv is an im2col GEMM that already runs near this CPU's best fp32 rate
-(benchmarks/profile_unet.py), so fewer multiplications is what is left. Each eligible Conv
-becomes standard ONNX operators (any runtime can run it):
+(benchmarks/profile_unet.py), so fewer multiplications is what is left. A 3x3 Conv whose input
+at the folder's native size has at least MIN_TILES 4x4 output tiles (and whose transformed input
+stays under MAX_TRANSFORMED_BYTES) becomes standard ONNX operators, any runtime can run them,
+under an If that picks per run by the actual input:
 
+  Winograd, with at least MIN_TILES tiles:
     input tiles:  Pad, then a 6x6 stride-4 Conv with the fixed B^T.d.B kernels -> 36 planes
     products:     one batched MatMul per 6x6 tile position, U[36, K, C] @ V[36, C, tiles]
     output tiles: MatMul with the fixed A^T.m.A rows, then Transpose/Reshape back to NCHW
+  the direct sum over the 9 taps, with fewer (the 16x16 level of a 512 px UNet at 256 px).
 
-The weight transform U = G.g.G^T is computed in the graph at every run, not stored: stored,
-it would be 4x the conv weights (6.8 GB on an SD 1.5 UNet). It costs a pass over the weights,
-which is why convolutions with few tiles (the 8x8 level of a 512 px UNet) stay plain Conv.
-Measured on 2 cores (2026-11-26): 1.8-2.4x faster than onnxruntime's Conv at 16x16 to 64x64,
-0.6x at 8x8; error 1e-5 of the output range per conv.
+The weights are stored once, as the 3x3 taps [9, K*C], which both branches read as they are.
+U = G.g.G^T is made from them at every run, not stored (stored, it would be 4x the conv
+weights: 6.8 GB on an SD 1.5 UNet). Measured on 2 cores (2026-11-26): Winograd 1.8-2.4x faster
+than onnxruntime's Conv from 16x16 to 64x64 (0.6x at 8x8, which is why the If), the direct
+branch 0.9-1.0x of Conv at 8x8; error 1e-5 of the output range per conv.
 
 `restore_convs` undoes it (int8 quantization wants Conv nodes); the rewritten convs are listed
 in the graph's metadata under WINOGRAD_KEY.
@@ -31,10 +35,10 @@ from onnx import helper, numpy_helper
 
 WINOGRAD_KEY = "sdport.winograd"
 TILE = 4  # output tile side; input tiles are TILE + 2 = 6
-# A conv is rewritten when its input at the folder's native size has at least this many tiles
-# (16x16 pixels) and its transformed input (2.25x the input) stays under this many bytes at
-# batch 1: the transform is memory traffic, and a 512 px VAE's 256-channel convs would add
-# ~1 GB of transient memory for a ~1.1x gain.
+# A conv is rewritten when its input at the native size has at least this many tiles (16x16
+# pixels; the If applies the same rule per run) and its transformed input (2.25x the input)
+# stays under this many bytes per image: the transforms are memory traffic, and a 512 px VAE's
+# 256-channel convs would add ~1 GB of transient memory for ~1.1x.
 MIN_TILES = 16
 MAX_TRANSFORMED_BYTES = 128 << 20
 MIN_CHANNELS = 16  # conv_in / conv_out (4 channels) gain nothing
@@ -142,7 +146,8 @@ def _worth_it(shape: list | None) -> bool:
 
 
 def eligible_convs(model: onnx.ModelProto, shapes: dict[str, list] | None) -> list[_Conv]:
-    """Plain fp32 3x3 convs with constant weights; with `shapes`, only those where it pays."""
+    """Plain fp32 3x3 convs with constant weights and at least MIN_CHANNELS in and out; with
+    `shapes` (each conv's input at the folder's native size), only those where Winograd pays."""
     initializers = {t.name: t for t in model.graph.initializer}
     uses: dict[str, int] = {}
     for node in model.graph.node:
@@ -169,23 +174,19 @@ def eligible_convs(model: onnx.ModelProto, shapes: dict[str, list] | None) -> li
 class _Builder:
     """Nodes and constants for the rewritten convs of one graph."""
 
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
-        self.initializers: list[onnx.TensorProto] = []
-        self.shared_done = False
+    def __init__(self, model: onnx.ModelProto, min_tiles: int):
+        self.existing = {t.name: t for t in model.graph.initializer}
+        self.initializers: dict[str, onnx.TensorProto] = {}
+        self.min_tiles = min_tiles
 
     def constant(self, name: str, value: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(value, name))
+        if name not in self.initializers:
+            self.initializers[name] = numpy_helper.from_array(value, name)
         return name
 
-    def shared(self) -> tuple[str, str, str]:
-        """Names of the fixed transforms, made once per graph."""
-        names = ("winograd/input_kernels", "winograd/weight_rows", "winograd/output_rows")
-        if not self.shared_done:
-            self.shared_done = True
-            for name, value in zip(names, (input_kernels(), weight_rows(), output_rows())):
-                self.constant(name, value)
-        return names
+    def ints(self, *values: int) -> str:
+        """An int64 vector shared by all rewritten convs (shape arithmetic)."""
+        return self.constant("winograd/ints_" + "_".join(str(v) for v in values), np.array(values, np.int64))
 
     def conv(self, conv: _Conv) -> list[onnx.NodeProto]:
         """The nodes that replace `conv`; they read its input and write its output."""
@@ -193,60 +194,121 @@ class _Builder:
         out_channels, in_channels = weight.dims[:2]
         p = f"{node.name or node.output[0]}/winograd/"
         x, y = node.input[0], node.output[0]
-        kernels, rows, out_rows = self.shared()
+        ints = self.ints
         nodes: list[onnx.NodeProto] = []
-        taps = numpy_helper.to_array(weight).reshape(out_channels * in_channels, 9).T
-        c = self.constant
+        n = _node_maker(nodes, p)
 
-        def n(op: str, inputs: list[str], output: str, **attrs) -> str:
-            nodes.append(helper.make_node(op, inputs, [p + output], name=p + output, **attrs))
-            return p + output
-
+        # ceil(H / 4) x ceil(W / 4) tiles: Winograd where there are MIN_TILES, else the direct sum.
         shape = n("Shape", [x], "shape")
-        hw = n("Slice", [shape, c(p + "2", np.array([2], np.int64)), c(p + "4", np.array([4], np.int64))], "hw")
-        three, four = c(p + "three", np.array([3], np.int64)), c(p + "tile", np.array([TILE], np.int64))
-        tiles = n("Div", [n("Add", [hw, three], "hw_up"), four], "tiles")  # ceil(H / 4), ceil(W / 4)
-        covered = n("Mul", [tiles, four], "covered")
-        one = c(p + "one", np.array([1], np.int64))
-        pad_end = n("Sub", [n("Add", [covered, one], "covered_1"), hw], "pad_end")  # 1 + 4h - H
-        pads = n("Concat", [c(p + "pad_begin", np.array([0, 0, 1, 1, 0, 0], np.int64)), pad_end], "pads", axis=0)
-        padded = n("Pad", [x, pads], "padded")
-        planes = n("Reshape", [padded, c(p + "planes_shape", np.array([-1, 1, 0, 0], np.int64))], "planes")
-        v = n("Conv", [planes, kernels], "v", kernel_shape=[TILE + 2, TILE + 2], strides=[TILE, TILE])
-        count = n("Mul", [n("Slice", [tiles, c(p + "0", np.array([0], np.int64)), one], "rows"),
-                          n("Slice", [tiles, one, c(p + "2b", np.array([2], np.int64))], "cols")], "count")
-        v_shape = n("Concat", [c(p + "v_dims", np.array([-1, in_channels, POSITIONS], np.int64)), count], "v_shape", axis=0)
-        v = n("Transpose", [n("Reshape", [v, v_shape], "v_tiles")], "v_by_position", perm=[0, 2, 1, 3])
-        # The weight rows times 1.0 computed from this conv's input shape. Tied to the input, U is
-        # made just before its use: onnxruntime orders nodes depth-first from the outputs, and a U
-        # that depends on constants only would be made at the start and held (+1.3 GB measured).
-        # And constant folding (onnxruntime's, onnxsim's) can't store U, 4x the conv weights.
-        live = n("Cast", [n("Greater", [count, c(p + "no_tiles", np.array([0], np.int64))], "has_tiles")],
-                 "live", to=onnx.TensorProto.FLOAT)
-        rows = n("Mul", [rows, live], "live_rows")
-        parts = []
-        for start, size in channel_slices(out_channels, in_channels):
-            part = c(f"{p}taps{start}", np.ascontiguousarray(taps[:, start * in_channels:(start + size) * in_channels]))
-            u = n("MatMul", [rows, part], f"u_flat{start}")  # [36, size*C]
-            u_shape = c(f"{p}u_shape{start}", np.array([POSITIONS, size, in_channels], np.int64))
-            parts.append(n("MatMul", [n("Reshape", [u, u_shape], f"u{start}"), v], f"m{start}"))  # [N, 36, size, tiles]
-        m = parts[0] if len(parts) == 1 else n("Concat", parts, "m", axis=2)
-        m = n("Reshape", [m, c(p + "m_shape", np.array([0, POSITIONS, -1], np.int64))], "m_flat")
-        t = n("MatMul", [out_rows, m], "out_tiles")  # [N, 16, K * tiles]
-        t_shape = n("Concat", [c(p + "t_dims", np.array([-1, TILE, TILE, out_channels], np.int64)), tiles],
-                    "t_shape", axis=0)
-        t = n("Transpose", [n("Reshape", [t, t_shape], "t_split")], "t_nchw", perm=[0, 3, 4, 1, 5, 2])
-        full = n("Concat", [c(p + "full_dims", np.array([-1, out_channels], np.int64)), covered], "full_shape", axis=0)
-        t = n("Reshape", [t, full], "covered_out")
-        cropped = n("Slice", [t, c(p + "crop_begin", np.array([0, 0], np.int64)), hw,
-                              c(p + "crop_axes", np.array([2, 3], np.int64))], "cropped")
+        hw = n("Slice", [shape, ints(2), ints(4)], "hw")
+        tiles = n("Div", [n("Add", [hw, ints(TILE - 1)], "hw_up"), ints(TILE)], "tiles")
+        count = n("Mul", [n("Slice", [tiles, ints(0), ints(1)], "tile_rows"),
+                          n("Slice", [tiles, ints(1), ints(2)], "tile_cols")], "count")
+        use_winograd = n("Squeeze", [n("Greater", [count, ints(self.min_tiles - 1)], "enough_tiles")], "use_winograd")
+
+        # The stored taps get their shape from a value computed from the input's height and width
+        # (1, as there are tiles), so constant folding (onnxruntime's, onnxsim's) can't store what
+        # the branches make of them (U, 4x the weights; or a transposed copy). Tied to the input,
+        # those transforms also run just before their use: onnxruntime orders nodes depth-first
+        # from the outputs, and transforms of constants only would run at the start and be held
+        # (+1.3 GB measured). The channel count would not do: it is a fixed dim, folded.
+        one = n("Cast", [n("Greater", [count, ints(0)], "has_tiles")], "one", to=onnx.TensorProto.INT64)
+        # One Mul for the whole shape: onnxruntime's ReshapeFusion rewrites a Concat of known dims
+        # and one computed dim as a constant shape (the computed one becomes -1), then folds.
+        taps_shape = n("Mul", [one, ints(9, out_channels * in_channels)], "taps_shape")
+        taps = numpy_helper.to_array(weight).reshape(out_channels * in_channels, 9).T.copy()
+        live_taps = n("Reshape", [self.constant(p + "taps", taps), taps_shape], "live_taps")  # [9, K*C]
+        branches = {
+            "then_branch": self._winograd_branch(p, x, hw, tiles, count, out_channels, in_channels, live_taps),
+            "else_branch": self._direct_branch(p, x, hw, one, out_channels, in_channels, live_taps),
+        }
+        chosen = n("If", [use_winograd], "chosen", **branches)
         if len(node.input) > 2 and node.input[2]:
-            bias = {t.name: t for t in self.model.graph.initializer}[node.input[2]]
-            bias_column = numpy_helper.to_array(bias).reshape(out_channels, 1, 1)
-            nodes.append(helper.make_node("Add", [cropped, c(p + "bias", bias_column)], [y], name=p + "bias_add"))
+            bias = numpy_helper.to_array(self.existing[node.input[2]]).reshape(out_channels, 1, 1)
+            nodes.append(helper.make_node("Add", [chosen, self.constant(p + "bias", bias)], [y], name=p + "bias_add"))
         else:
-            nodes.append(helper.make_node("Identity", [cropped], [y], name=p + "output"))
+            nodes.append(helper.make_node("Identity", [chosen], [y], name=p + "output"))
         return nodes
+
+    def _winograd_branch(self, p: str, x: str, hw: str, tiles: str, count: str, out_channels: int,
+                         in_channels: int, live_taps: str) -> onnx.GraphProto:
+        ints, c = self.ints, self.constant
+        nodes: list[onnx.NodeProto] = []
+        n = _node_maker(nodes, p)
+        # Tiles cover the input padded by 1 (the conv's own padding) and up to a multiple of 4.
+        covered = n("Mul", [tiles, ints(TILE)], "covered")
+        pad_end = n("Sub", [n("Add", [covered, ints(1)], "covered_1"), hw], "pad_end")  # 1 + 4h - H
+        pads = n("Concat", [ints(0, 0, 1, 1, 0, 0), pad_end], "pads", axis=0)
+        planes = n("Reshape", [n("Pad", [x, pads], "padded"), ints(-1, 1, 0, 0)], "planes")  # [N*C, 1, ...]
+
+        # Input transform: 36 planes per channel, one value per tile -> [N, 36, C, tiles].
+        v = n("Conv", [planes, c("winograd/input_kernels", input_kernels())], "v",
+              kernel_shape=[TILE + 2, TILE + 2], strides=[TILE, TILE])
+        v_shape = n("Concat", [ints(-1, in_channels, POSITIONS), count], "v_shape", axis=0)
+        v = n("Transpose", [n("Reshape", [v, v_shape], "v_tiles")], "v_by_position", perm=[0, 2, 1, 3])
+
+        # Products, one slice of output channels at a time: U = G.g.G^T [36, size, C], used at once.
+        rows = c("winograd/weight_rows", weight_rows())
+        parts = []
+        slices = channel_slices(out_channels, in_channels)
+        for start, size in slices:
+            taps = live_taps if len(slices) == 1 else n(
+                "Slice", [live_taps, ints(start * in_channels), ints((start + size) * in_channels), ints(1)], f"taps{start}")
+            u = n("Reshape", [n("MatMul", [rows, taps], f"u_flat{start}"), ints(POSITIONS, size, in_channels)],
+                  f"u{start}")
+            parts.append(n("MatMul", [u, v], f"m{start}"))  # [N, 36, size, tiles]
+        m = parts[0] if len(parts) == 1 else n("Concat", parts, "m", axis=2)
+
+        # Output transform: 4x4 outputs per tile, back to NCHW, cropped to H x W.
+        m = n("Reshape", [m, ints(0, POSITIONS, -1)], "m_flat")
+        t = n("MatMul", [c("winograd/output_rows", output_rows()), m], "out_tiles")  # [N, 16, K*tiles]
+        t_shape = n("Concat", [ints(-1, TILE, TILE, out_channels), tiles], "t_shape", axis=0)
+        t = n("Transpose", [n("Reshape", [t, t_shape], "t_split")], "t_nchw", perm=[0, 3, 4, 1, 5, 2])
+        t = n("Reshape", [t, n("Concat", [ints(-1, out_channels), covered], "full_shape", axis=0)], "covered_out")
+        n("Slice", [t, ints(0, 0), hw, ints(2, 3)], "winograd_out")
+        return _branch(p + "winograd", nodes, p + "winograd_out")
+
+    def _direct_branch(self, p: str, x: str, hw: str, one: str, out_channels: int, in_channels: int,
+                       live_taps: str) -> onnx.GraphProto:
+        """The plain convolution from the stored taps, for inputs with few tiles: the sum over the
+        9 taps of W_tap [K, C] @ (the input shifted by the tap), as one batched MatMul. The
+        shifted copies are 9x the input, small where this runs (under MIN_TILES tiles)."""
+        ints = self.ints
+        nodes: list[onnx.NodeProto] = []
+        n = _node_maker(nodes, p)
+        padded = n("Pad", [x, ints(0, 0, 1, 1, 0, 0, 1, 1)], "direct_padded")
+        shifted = []
+        for dy in range(3):
+            for dx in range(3):
+                window = n("Slice", [padded, ints(dy, dx), n("Add", [hw, ints(dy, dx)], f"end{dy}{dx}"), ints(2, 3)],
+                           f"shift{dy}{dx}")
+                shifted.append(n("Unsqueeze", [window, ints(1)], f"shift{dy}{dx}_5d"))
+        pixels = n("Mul", [n("Slice", [hw, ints(0), ints(1)], "height"), n("Slice", [hw, ints(1), ints(2)], "width")],
+                   "pixels")
+        stack_shape = n("Concat", [ints(-1, 9, in_channels), pixels], "stack_shape", axis=0)
+        stack = n("Reshape", [n("Concat", shifted, "stack_5d", axis=1), stack_shape], "stack")  # [N, 9, C, H*W]
+        taps = n("Reshape", [live_taps, n("Mul", [one, ints(9, out_channels, in_channels)], "taps_3d_shape")],
+                 "taps_3d")  # [9, K, C]; shape from `one`: see conv()
+        summed = n("ReduceSum", [n("MatMul", [taps, stack], "per_tap"), ints(1)], "summed", keepdims=0)
+        out_shape = n("Concat", [ints(-1, out_channels), hw], "direct_shape", axis=0)
+        n("Reshape", [summed, out_shape], "direct_out")
+        return _branch(p + "direct", nodes, p + "direct_out")
+
+
+def _node_maker(nodes: list[onnx.NodeProto], prefix: str):
+    """n(op, inputs, output, **attrs): appends a node named and outputting `prefix + output`."""
+
+    def n(op: str, inputs: list[str], output: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [prefix + output], name=prefix + output, **attrs))
+        return prefix + output
+
+    return n
+
+
+def _branch(name: str, nodes: list[onnx.NodeProto], output: str) -> onnx.GraphProto:
+    """An If branch computing `output` (NCHW float) from the outer graph's values."""
+    out = helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None)
+    return helper.make_graph(nodes, name, [], [out])
 
 
 def channel_slices(out_channels: int, in_channels: int) -> list[tuple[int, int]]:
@@ -256,14 +318,16 @@ def channel_slices(out_channels: int, in_channels: int) -> list[tuple[int, int]]
     return [(start, min(size, out_channels - start)) for start in range(0, out_channels, size)]
 
 
-def rewrite_convs(model: onnx.ModelProto, convs: list[_Conv]) -> list[str]:
+def rewrite_convs(model: onnx.ModelProto, convs: list[_Conv], min_tiles: int = MIN_TILES) -> list[str]:
     """Replaces `convs` in `model` (in place); returns their names. Weights move into `taps`
-    initializers ([9, K*C], the same numbers), so the graph does not grow."""
+    initializers ([9, K*C], the same numbers), so the graph does not grow. `min_tiles`: the
+    fewest tiles that take the Winograd branch (tests set 1 or a huge number to pick one)."""
     if not convs:
         return []
-    builder = _Builder(model)
+    builder = _Builder(model, min_tiles)
     chosen = {id(c.node): c for c in convs}
-    records, nodes, dropped = {}, [], set()
+    records, nodes, dropped = json.loads(_metadata(model) or "{}"), [], set()
+    before = len(records)
     for node in model.graph.node:
         conv = chosen.get(id(node))
         if conv is None:
@@ -275,7 +339,7 @@ def rewrite_convs(model: onnx.ModelProto, convs: list[_Conv]) -> list[str]:
         records[name] = {
             "input": node.input[0], "output": node.output[0], "weight": conv.weight.name,
             "bias": node.input[2] if len(node.input) > 2 else "",
-            "taps": [f"{name}/winograd/taps{start}" for start, _ in channel_slices(*conv.weight.dims[:2])],
+            "taps": f"{name}/winograd/taps",
             "out_channels": int(conv.weight.dims[0]), "in_channels": int(conv.weight.dims[1]),
         }
         dropped.add(conv.weight.name)
@@ -286,9 +350,9 @@ def rewrite_convs(model: onnx.ModelProto, convs: list[_Conv]) -> list[str]:
     still_used = {name for node in model.graph.node for name in node.input}
     kept = [t for t in model.graph.initializer if t.name not in dropped or t.name in still_used]
     del model.graph.initializer[:]
-    model.graph.initializer.extend(kept + builder.initializers)
+    model.graph.initializer.extend(kept + list(builder.initializers.values()))
     _set_metadata(model, records)
-    return list(records)
+    return list(records)[before:]
 
 
 def restore_convs(model: onnx.ModelProto) -> int:
@@ -310,7 +374,7 @@ def restore_convs(model: onnx.ModelProto) -> int:
         nodes.append(node)
     restored = []
     for name, record in records.items():
-        taps = np.concatenate([numpy_helper.to_array(initializers[t]) for t in record["taps"]], axis=1)
+        taps = numpy_helper.to_array(initializers[record["taps"]])
         weight = taps.T.reshape(record["out_channels"], record["in_channels"], 3, 3)
         restored.append(numpy_helper.from_array(np.ascontiguousarray(weight), record["weight"]))
         if record["bias"]:
