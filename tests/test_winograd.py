@@ -13,6 +13,8 @@ import pytest
 import torch
 from test_export import CASES, TOLERANCE, torch_outputs
 
+from sdport.cli import main
+from sdport.export import folder as export_folder
 from sdport.export import winograd
 from sdport.export.folder import export_model
 from sdport.export.quantize import quantize_unet
@@ -141,3 +143,21 @@ def test_int8_quantization_of_a_winograd_unet_equals_that_of_the_plain_one(plain
     ]
     np.testing.assert_array_equal(outputs[0], outputs[1])
     shutil.rmtree(tmp_path / "rewritten")
+
+
+def test_the_stage_runs_in_a_child_process_for_large_graphs(tiny_diffusers_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_folder.optimize, "SUBPROCESS_MIN_BYTES", 0)  # as for an SD 1.5 UNet
+    in_subprocess, stages = export_folder.optimize.in_subprocess, []
+    monkeypatch.setattr(export_folder.optimize, "in_subprocess",
+                        lambda stage, *args: stages.append(stage.__name__) or in_subprocess(stage, *args))
+    out = export_model(tiny_diffusers_dir, tmp_path / "onnx", report=None)
+    assert stages.count("winograd") == 2  # the VAE's graphs; the tiny UNet's 8x8 latent is too small
+    assert _records(out / "vae_decoder" / "model.onnx")
+
+
+def test_cli_no_winograd_reaches_the_export(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(export_folder, "export_model", lambda *args, **kwargs: calls.append(kwargs))
+    assert main(["export", str(tmp_path / "src"), str(tmp_path / "out"), "--no-winograd", "-q"]) == 0
+    assert main(["export", str(tmp_path / "src"), str(tmp_path / "out"), "-q"]) == 0
+    assert [call["winograd"] for call in calls] == [False, True]
