@@ -84,14 +84,22 @@ def worker_unet_torch(model: str, size: int, runs: int) -> dict:
     t0 = time.perf_counter()
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").eval()
     load = time.perf_counter() - t0
+    with torch.inference_mode():
+        times = run_times(torch_unet_step(unet, size), runs + 1)
+    return {"load_s": load, "warmup_s": times[0], "times_s": times[1:]}
+
+
+def torch_unet_step(unet, size: int) -> Callable[[], object]:
+    """One batch-2 evaluation (classifier-free guidance) of diffusers' `unet` at `size` pixels, on
+    fixed random inputs."""
+    import torch
+
     g = torch.Generator().manual_seed(0)
     latent = size // 8
     sample = torch.randn(2, unet.config.in_channels, latent, latent, generator=g)
     hidden = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
     timestep = torch.tensor(500.0)
-    with torch.inference_mode():
-        times = run_times(lambda: unet(sample, timestep, encoder_hidden_states=hidden), runs + 1)
-    return {"load_s": load, "warmup_s": times[0], "times_s": times[1:]}
+    return lambda: unet(sample, timestep, encoder_hidden_states=hidden)
 
 
 def worker_unet_sdport(folder: str, size: int, runs: int) -> dict:

@@ -172,15 +172,27 @@ def worker_gemm_torch() -> dict:
     return {"fp32_gflops": _best_rate(lambda: torch.mm(a, b), 2 * GEMM**3)}
 
 
-def worker_vae_torch(model: str, size: int, runs: int) -> dict:
-    torch = bench_sd._torch_setup()
+def _torch_run(model: str, size: int, graph: str):
+    """diffusers' model for `graph` (a UNet step or a batch-1 VAE decode) at `size` pixels, as one
+    call on fixed random inputs."""
+    if graph == "unet":
+        from diffusers import UNet2DConditionModel
+
+        return bench_sd.torch_unet_step(UNet2DConditionModel.from_pretrained(model, subfolder="unet").eval(), size)
+    import torch
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae").eval()
     latent = size // 8
     sample = torch.randn(1, vae.config.latent_channels, latent, latent, generator=torch.Generator().manual_seed(0))
+    return lambda: vae.decode(sample)
+
+
+def worker_vae_torch(model: str, size: int, runs: int) -> dict:
+    torch = bench_sd._torch_setup()
+    run = _torch_run(model, size, "vae_decoder")
     with torch.inference_mode():
-        times = bench_sd.run_times(lambda: vae.decode(sample), runs + 1)  # the first is the warm-up
+        times = bench_sd.run_times(run, runs + 1)  # the first is the warm-up
     return {"warmup_s": times[0], "times_s": times[1:]}
 
 
@@ -190,21 +202,7 @@ def worker_flops_torch(model: str, size: int, graph: str) -> dict:
     torch = bench_sd._torch_setup()
     from torch.utils.flop_counter import FlopCounterMode
 
-    latent = size // 8
-    g = torch.Generator().manual_seed(0)
-    if graph == "unet":
-        from diffusers import UNet2DConditionModel
-
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").eval()
-        inputs = (torch.randn(2, unet.config.in_channels, latent, latent, generator=g), torch.tensor(500.0),
-                  torch.randn(2, 77, unet.config.cross_attention_dim, generator=g))
-        run = lambda: unet(*inputs)  # noqa: E731
-    else:
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae").eval()
-        sample = torch.randn(1, vae.config.latent_channels, latent, latent, generator=g)
-        run = lambda: vae.decode(sample)  # noqa: E731
+    run = _torch_run(model, size, graph)
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
         run()

@@ -21,8 +21,7 @@ from sdport.export.quantize import quantize_unet
 
 
 def _records(path: Path) -> dict:
-    model = onnx.load_model(str(path), load_external_data=False)
-    return json.loads(next((p.value for p in model.metadata_props if p.key == winograd.WINOGRAD_KEY), "{}"))
+    return winograd.winograd_records(onnx.load_model(str(path), load_external_data=False))
 
 
 def _rewrite_all(src: Path, dst: Path, min_tiles: int = winograd.MIN_TILES) -> int:

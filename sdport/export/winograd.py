@@ -24,6 +24,7 @@ in the graph's metadata under WINOGRAD_KEY.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 from dataclasses import dataclass
@@ -149,10 +150,7 @@ def eligible_convs(model: onnx.ModelProto, shapes: dict[str, list] | None) -> li
     """Plain fp32 3x3 convs with constant weights and at least MIN_CHANNELS in and out; with
     `shapes` (each conv's input at the folder's native size), only those where Winograd pays."""
     initializers = {t.name: t for t in model.graph.initializer}
-    uses: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    uses = collections.Counter(name for node in model.graph.node for name in node.input)
     found = []
     for node in model.graph.node:
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or not _plain_3x3(node):
@@ -326,7 +324,7 @@ def rewrite_convs(model: onnx.ModelProto, convs: list[_Conv], min_tiles: int = M
         return []
     builder = _Builder(model, min_tiles)
     chosen = {id(c.node): c for c in convs}
-    records, nodes, dropped = json.loads(_metadata(model) or "{}"), [], set()
+    records, nodes, dropped = winograd_records(model), [], set()
     before = len(records)
     for node in model.graph.node:
         conv = chosen.get(id(node))
@@ -357,7 +355,7 @@ def rewrite_convs(model: onnx.ModelProto, convs: list[_Conv], min_tiles: int = M
 
 def restore_convs(model: onnx.ModelProto) -> int:
     """Turns rewritten convs back into Conv nodes with their original weights; returns how many."""
-    records = json.loads(_metadata(model) or "{}")
+    records = winograd_records(model)
     if not records:
         return 0
     initializers = {t.name: t for t in model.graph.initializer}
@@ -390,12 +388,14 @@ def restore_convs(model: onnx.ModelProto) -> int:
     return len(records)
 
 
+def winograd_records(model: onnx.ModelProto) -> dict[str, dict]:
+    """The rewritten convs listed in the graph's metadata, by name (empty for a plain graph)."""
+    value = next((p.value for p in model.metadata_props if p.key == WINOGRAD_KEY), None)
+    return json.loads(value) if value else {}
+
+
 def has_winograd(model: onnx.ModelProto) -> bool:
-    return bool(json.loads(_metadata(model) or "{}"))
-
-
-def _metadata(model: onnx.ModelProto) -> str | None:
-    return next((p.value for p in model.metadata_props if p.key == WINOGRAD_KEY), None)
+    return bool(winograd_records(model))
 
 
 def _set_metadata(model: onnx.ModelProto, records: dict) -> None:
