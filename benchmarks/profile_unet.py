@@ -116,7 +116,7 @@ def worker_profile_sdport(folder: str, size: int, graph: str = "unet") -> dict:
     spec = manifest.graphs[graph]
     fused = spec.optimization == "ort"
     prefix = str(Path(tempfile.mkdtemp(prefix="sdport-profile-")) / graph)
-    session = open_session(check_graph_files(Path(folder), spec.file), "cpu", fused, ["CPUExecutionProvider"],
+    session, _ = open_session(check_graph_files(Path(folder), spec.file), "cpu", fused, ["CPUExecutionProvider"],
                            arena=uses_cpu_arena(graph, fused), profile_prefix=prefix)  # as the pipeline
     latent = size // manifest.vae_scale
     if graph == "unet":

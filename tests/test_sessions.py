@@ -183,3 +183,54 @@ def test_last_run_returns_the_arena_to_the_os(tmp_path):
 
     plain = Graph("vae_decoder", path, "cpu", fused=True)  # VAEs run without the arena: no-op
     assert plain.run({"x": x}, last=True)["y"] == first
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads resident memory from Linux's /proc")
+def test_last_run_drops_the_weights_resident_pages(tmp_path, monkeypatch):
+    """From the pre-optimized cache onnxruntime reads external weights in place from a memory map;
+    after a run marked `last` their pages leave the resident set, and the next run reads them
+    back with the same result. (Without the cache onnxruntime prepacks them into its own memory.)"""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdport.runtime.sessions import Graph
+
+    monkeypatch.setenv("SDPORT_ORT_CACHE", str(tmp_path / "cache"))
+    n = 4096  # a 64 MB weight, and activations of a few kB
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [weight],
+    )
+    path = tmp_path / "model" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
+              save_as_external_data=True, location="model.onnx_data", size_threshold=0)
+    x = np.random.default_rng(1).standard_normal((1, n)).astype(np.float32)
+
+    g = Graph("vae_decoder", path, "cpu", fused=True)  # no arena: only the weights move
+    (data,) = g.weight_files
+    assert Path(data).is_relative_to((tmp_path / "cache").resolve())
+    first = g.run({"x": x})["y"]
+    resident = _resident_mb()
+    last = g.run({"x": x}, last=True)["y"]
+    dropped = _resident_mb()
+    again = g.run({"x": x})["y"]
+    assert np.array_equal(first, last) and np.array_equal(first, again)
+    assert resident - dropped > 60  # the 64 MB weight's pages
+    assert _resident_mb() - dropped > 60  # read back in by the next run
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads resident memory from Linux's /proc")
+def test_generate_leaves_no_weight_pages_resident(tiny_onnx_dir):
+    """Each component's weights leave the resident set after its part of a generate call (text
+    encoder before the UNet steps, UNet before the decode), sessions held, images unchanged."""
+    from sdport.runtime.sessions import _file_mappings
+
+    pipe = Pipeline.load(tiny_onnx_dir, provider="cpu")
+    first = pipe.generate("a fox", steps=3, seed=5, output="np", progress=False)
+    files = frozenset().union(*(g.weight_files for g in pipe._graphs.values()))
+    mapped = [m for m in _file_mappings() if m["path"] in files]
+    assert mapped and sum(m["Rss"] for m in mapped) == 0
+    assert np.array_equal(pipe.generate("a fox", steps=3, seed=5, output="np", progress=False), first)

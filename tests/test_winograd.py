@@ -86,10 +86,9 @@ def test_every_conv_rewritten_still_matches_pytorch(component, branch, plain_con
             np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE * np.abs(want).max())
 
 
-def test_restore_gives_back_the_exact_conv_graph(tiny_onnx_dir: Path, plain_conv_dir: Path):
-    rewritten = onnx.load(str(tiny_onnx_dir / "vae_decoder" / "model.onnx"))
-    plain = onnx.load(str(plain_conv_dir / "vae_decoder" / "model.onnx"))
-    assert winograd.restore_convs(rewritten) == len(_records(tiny_onnx_dir / "vae_decoder" / "model.onnx"))
+def _assert_restores_exactly(rewritten_path: Path, plain_path: Path) -> None:
+    rewritten, plain = onnx.load(str(rewritten_path)), onnx.load(str(plain_path))
+    assert winograd.restore_convs(rewritten) == len(_records(rewritten_path)) > 0
     assert [(n.op_type, list(n.input), list(n.output)) for n in rewritten.graph.node] == [
         (n.op_type, list(n.input), list(n.output)) for n in plain.graph.node
     ]
@@ -100,16 +99,45 @@ def test_restore_gives_back_the_exact_conv_graph(tiny_onnx_dir: Path, plain_conv
         np.testing.assert_array_equal(got[name], value)
 
 
+def test_restore_gives_back_the_exact_conv_graph(tiny_onnx_dir: Path, plain_conv_dir: Path):
+    component = Path("vae_decoder") / "model.onnx"
+    _assert_restores_exactly(tiny_onnx_dir / component, plain_conv_dir / component)
+
+
+@pytest.mark.parametrize("branch", ["winograd", "direct"])
+def test_weights_stored_in_several_channel_slices(branch, plain_conv_dir, reference, tmp_path, monkeypatch):
+    # The tiny UNet's convs fit one slice; with a small bound they take several of uneven sizes
+    # (an SD 1.5 UNet's 1280-channel convs take 4-8), through both branches and back.
+    monkeypatch.setattr(winograd, "MAX_U_BYTES", 40_000)
+    plain = plain_conv_dir / "unet" / "model.onnx"
+    path = tmp_path / "unet" / "model.onnx"
+    assert _rewrite_all(plain, path, 1 if branch == "winograd" else 1 << 40) > 0
+    records = _records(path).values()
+    sizes = [{size for _, size in winograd.channel_slices(r["out_channels"], r["in_channels"])} for r in records]
+    assert min(len(r["taps"]) for r in records) >= 3 and any(len(s) > 1 for s in sizes)  # a shorter last slice
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(2)
+    for batch, h, w in CASES:
+        inputs, wanted = torch_outputs(reference, "unet", batch, h, w, rng)
+        got = session.run(None, inputs)[0]
+        np.testing.assert_allclose(got, wanted[0], rtol=0, atol=TOLERANCE * np.abs(wanted[0]).max())
+    _assert_restores_exactly(path, plain)
+    _assert_not_folded(path, tmp_path)
+
+
 def test_onnxruntime_does_not_fold_the_weight_transform_into_stored_weights(tiny_onnx_dir, tmp_path):
     # Folded, U = G.g.G^T would be stored: 4x the conv weights (6.8 GB on an SD 1.5 UNet).
-    src = tiny_onnx_dir / "vae_decoder" / "model.onnx"
+    _assert_not_folded(tiny_onnx_dir / "vae_decoder" / "model.onnx", tmp_path)
+
+
+def _assert_not_folded(src: Path, tmp_path: Path) -> None:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
     optimized = onnx.load(str(tmp_path / "optimized.onnx"))
     stored_names = {t.name for t in optimized.graph.initializer}
-    taps = [record["taps"] for record in _records(src).values()]
+    taps = [name for record in _records(src).values() for name in record["taps"]]
     assert taps and set(taps) <= stored_names  # the 3x3 weights ([9, K*C]), transformed per run
     for node in optimized.graph.node:
         for branch in (a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH):

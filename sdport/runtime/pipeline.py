@@ -483,7 +483,7 @@ class Pipeline:
     ) -> np.ndarray:
         """VAE-encode and sample as diffusers' DiagonalGaussianDistribution: mean + std * noise."""
         with self._graph("vae_encoder") as graph:
-            parameters = graph.run({"sample": pixels})["latent_parameters"]  # [1, 2C, h, w]
+            parameters = graph.run({"sample": pixels}, last=True)["latent_parameters"]  # [1, 2C, h, w]
         if not np.isfinite(parameters).all():
             raise SdportError("vae_encoder: output has NaN or inf for this image")
         if parameters.shape[2:] != shape[2:]:
@@ -564,7 +564,9 @@ class Pipeline:
         # memory, and an image's pixels don't depend on the batch it was made in (onnxruntime's
         # kernels split work by batch size, which moves the last bits).
         with self._graph("vae_decoder") as graph:
-            pixels = np.concatenate([graph.run({"latent_sample": latents[i : i + 1]})["sample"] for i in range(len(x))])
+            pixels = np.concatenate([
+                graph.run({"latent_sample": latents[i : i + 1]}, last=i + 1 == len(x))["sample"] for i in range(len(x))
+            ])
         bad = [i for i in range(len(pixels)) if not np.isfinite(pixels[i]).all()]
         if bad:
             raise SdportError(
