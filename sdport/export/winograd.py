@@ -321,7 +321,7 @@ def _branch(name: str, nodes: list[onnx.NodeProto], output: str) -> onnx.GraphPr
 
 def tap_name(prefix: str, start: int) -> str:
     """The initializer holding the taps [9, size*C] of the slice of output channels from `start`."""
-    return f"{prefix}taps" if start == 0 else f"{prefix}taps{start}"
+    return f"{prefix}taps{start}"
 
 
 def channel_slices(out_channels: int, in_channels: int) -> list[tuple[int, int]]:
@@ -388,7 +388,7 @@ def restore_convs(model: onnx.ModelProto) -> int:
         nodes.append(node)
     restored = []
     for name, record in records.items():
-        # A str: one [9, K*C] initializer, as exports before 2026-11-26 stored them.
+        # A str: one [9, K*C] initializer, as exports made between commits 2f9c3c7 and a9dc2f4 stored them.
         names = [record["taps"]] if isinstance(record["taps"], str) else record["taps"]
         taps = np.concatenate([numpy_helper.to_array(initializers[name]) for name in names], axis=1)
         weight = taps.T.reshape(record["out_channels"], record["in_channels"], 3, 3)

@@ -408,9 +408,10 @@ class Graph:
     def run(self, feeds: dict[str, np.ndarray], last: bool = False) -> dict[str, np.ndarray]:
         """Runs the graph: inputs cast to the declared dtypes, outputs by name (fp16 ones as float32).
 
-        `last`: the last run for a while (the text encoder's, the final UNet step's): the session's
-        working memory is returned to the OS after it (measured no slower on the next run), and
-        its weights' pages leave this process's resident set (release_mapped_pages).
+        `last`: the last run for a while (the text encoder's, the final UNet step's, the last
+        image's decode): the session's working memory is returned to the OS after it (measured no
+        slower on the next run), and its weights' pages leave this process's resident set
+        (release_mapped_pages).
         """
         cast = {}
         for port in self.inputs:
