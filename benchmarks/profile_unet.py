@@ -110,21 +110,21 @@ def worker_profile_sdport(folder: str, size: int, graph: str = "unet") -> dict:
 
     from sdport.export.quantize import unet_feeds
     from sdport.models.manifest import read_manifest
-    from sdport.runtime.sessions import check_graph_files, open_session, uses_cpu_arena
+    from sdport.runtime.sessions import check_graph_files, open_session
 
     manifest = read_manifest(Path(folder))
     spec = manifest.graphs[graph]
     fused = spec.optimization == "ort"
     prefix = str(Path(tempfile.mkdtemp(prefix="sdport-profile-")) / graph)
     session, _ = open_session(check_graph_files(Path(folder), spec.file), "cpu", fused, ["CPUExecutionProvider"],
-                           arena=uses_cpu_arena(graph, fused), profile_prefix=prefix)  # as the pipeline
+                              profile_prefix=prefix)  # as the pipeline
     latent = size // manifest.vae_scale
     if graph == "unet":
         feeds = unet_feeds(manifest, latent)
     else:  # one image's latents, as the pipeline decodes them
         noise = np.random.default_rng(0).standard_normal((1, manifest.latent_channels, latent, latent))
         feeds = {"latent_sample": noise.astype(np.float32)}
-    # The first run allocates (and, without an arena, page-faults) its memory.
+    # The first run allocates its memory.
     times = bench_sd.run_times(lambda: session.run(None, feeds), 2)
     trace = Path(session.end_profiling())
     summary = summarize_profile(json.loads(trace.read_text()), run_index=1, runs=2)

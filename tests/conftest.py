@@ -7,6 +7,15 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """onnxruntime's pre-optimized graphs go to a folder of this test session, not the user's
+    ~/.cache/sdport/ort (the tests load hundreds of throwaway graphs)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SDPORT_ORT_CACHE", str(tmp_path_factory.mktemp("ort-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_diffusers_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random SD 1.x pipeline in diffusers' folder format (real classes, real vocab)."""

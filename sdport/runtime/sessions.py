@@ -7,6 +7,7 @@ Options are set deliberately from what was measured on an SD 1.5-sized UNet and 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import mmap
 import os
@@ -21,6 +22,7 @@ import onnxruntime as ort
 from sdport.cache import cache_root
 from sdport.errors import SdportError, UsageError
 from sdport.models.manifest import ManifestError, inside
+from sdport.runtime import checksums
 
 ProviderName = Literal["auto", "cpu", "cuda", "dml"]
 
@@ -45,16 +47,6 @@ ORT_DTYPES = {
     "tensor(int32)": np.int32,
 }
 Say = Callable[[str], None]
-# Graphs that run without onnxruntime's CPU arena even when fused: a VAE's activations are few
-# and huge (134 MB per 512 px tensor at 128 channels), and the arena held 0.9 GB more at its peak
-# than plain allocation, at the same speed (SD 1.5-sized decoder at 512 px: 1984 vs 1072 MB,
-# 16.6 vs 16.8 s).
-NO_ARENA = ("vae_decoder", "vae_encoder")
-
-
-def uses_cpu_arena(name: str, fused: bool) -> bool:
-    """Whether graph `name` runs with onnxruntime's CPU arena (see session_options and NO_ARENA)."""
-    return fused and name not in NO_ARENA
 
 
 # --- weights' resident pages ------------------------------------------------------------------
@@ -180,9 +172,8 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def session_options(provider: str, fused: bool, arena: bool | None = None) -> ort.SessionOptions:
-    """Options for one graph; `fused` says whether attention was fused at export ("ort" level);
-    `arena` overrides the CPU arena choice (default: on where fused)."""
+def session_options(provider: str, fused: bool) -> ort.SessionOptions:
+    """Options for one graph; `fused` says whether attention was fused at export ("ort" level)."""
     options = ort.SessionOptions()
     # One thread per physical core: a second hyper-thread per core adds contention, not FLOPs,
     # and onnxruntime's own default ignores the CPU affinity a container gives us.
@@ -194,10 +185,14 @@ def session_options(provider: str, fused: bool, arena: bool | None = None) -> or
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     # The CPU arena helps a fused graph but grows by ~2 GB on an unfused one (1 GiB attention
     # score matrices are cached between runs): on only where attention was fused at export.
-    options.enable_cpu_mem_arena = fused if arena is None else arena
-    # Memory patterns stay on (off saved 0.1 GB and cost 35-75% time), except that DirectML
-    # requires them off and sequential execution.
-    options.enable_mem_pattern = provider != "dml"
+    options.enable_cpu_mem_arena = fused
+    # Memory patterns (one planned block per run) only pay without the arena, where each tensor
+    # would otherwise be fresh memory. With the arena, the planned block comes on top of the
+    # blocks the first run left in it: off, at the same speed, the SD 1.5 UNet's peak at 512 px
+    # is 3717 MB instead of 4038, and the VAE decoder's first run in a process takes 13.5 s
+    # instead of 18.3 (without an arena it page-faults every 134 MB activation in) at 1319 MB.
+    # DirectML requires them off (and sequential execution).
+    options.enable_mem_pattern = provider != "dml" and not (provider == "cpu" and fused)
     options.log_severity_level = 3  # errors only: ORT's warnings are about its own fallbacks
     return options
 
@@ -296,6 +291,15 @@ def _graph_locations(buf, start: int, end: int, out: list[str]) -> None:
 
 def external_data_locations(path: Path) -> list[str]:
     """The `location` of every external-data tensor of an ONNX file, as written in it."""
+    stat = os.stat(path)
+    # Memoized per version of the file: loading a model asks for each graph's locations two or
+    # three times (checks, cache key, weights' pages), 0.05 s of Python each on SD 1.5's graphs.
+    version = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    return list(_external_data_locations(str(path), version))
+
+
+@functools.lru_cache(maxsize=32)
+def _external_data_locations(path: str, _version: tuple[int, ...]) -> tuple[str, ...]:
     out: list[str] = []
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
@@ -313,7 +317,7 @@ def external_data_locations(path: Path) -> list[str]:
                 raise ManifestError(f"{path}: not a readable ONNX file (truncated?); re-export the model") from None
             except RecursionError:  # subgraphs nested thousands deep: no real model does that
                 raise ManifestError(f"{path}: graphs nested too deeply to check; refusing to load it") from None
-    return sorted(set(out))
+    return tuple(sorted(set(out)))
 
 
 def check_graph_files(folder: Path, file: str) -> Path:
@@ -372,8 +376,7 @@ class Graph:
         printed = io.StringIO()  # onnxruntime print()s its provider fallbacks to stdout
         try:
             with contextlib.redirect_stdout(printed):
-                arena = uses_cpu_arena(name, fused)
-                self.session, loaded = open_session(path, provider, fused, providers, arena)
+                self.session, loaded = open_session(path, provider, fused, providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SdportError(
@@ -387,7 +390,7 @@ class Graph:
         self.weight_files = weight_files(loaded)
         self._device: dict[str, ort.OrtValue] = {}
         self._release_options = None
-        if provider == "cpu" and arena:
+        if provider == "cpu" and fused:  # fused graphs run with the arena (session_options)
             # After a run with these options the CPU arena hands its free memory back to the OS:
             # the UNet's activations (0.4 GB at 512 px) are otherwise held through the VAE decode.
             self._release_options = ort.RunOptions()
@@ -474,17 +477,27 @@ def _cpu_identity() -> str:
     return f"{model}|{flags}"
 
 
-def graph_cache_key(path: Path, fused: bool) -> str:
-    """sha256 of the graph file, its data files' sizes and mtimes, onnxruntime and the CPU."""
+def _file_identity(path: Path) -> str:
+    """A file as the cache key sees it: a small one by its bytes, a large one (weights) by size,
+    mtime, ctime and inode, as the sha256 check's cache does (checksums.py); hashing SD 1.5's
+    inline-weight text encoder and VAEs (0.8 GB) cost 1.0 s per load."""
     import hashlib
 
-    digest = hashlib.sha256()
-    digest.update(Path(path).read_bytes())  # the graph proto (weights are external on big graphs)
+    stat = path.stat()
+    if stat.st_size < checksums.CACHE_MIN_BYTES:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return f"{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
+
+
+def graph_cache_key(path: Path, fused: bool) -> str:
+    """sha256 over the graph file's and its data files' identities, onnxruntime and the CPU."""
+    import hashlib
+
+    digest = hashlib.sha256(_file_identity(Path(path)).encode())
     for location in external_data_locations(Path(path)):
-        stat = (Path(path).parent / location).stat()
-        digest.update(f"{location}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        digest.update(f"{location}|{_file_identity(Path(path).parent / location)}".encode())
     level = session_options("cpu", fused).graph_optimization_level
-    digest.update(f"{ort.__version__}|{_cpu_identity()}|fused={fused}|level={level}|v2".encode())
+    digest.update(f"{ort.__version__}|{_cpu_identity()}|fused={fused}|level={level}|v3".encode())
     return digest.hexdigest()[:32]
 
 
@@ -524,9 +537,9 @@ def _preoptimize(path: Path, entry: Path, fused: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def preoptimized_options(fused: bool, arena: bool | None = None) -> ort.SessionOptions:
+def preoptimized_options(fused: bool) -> ort.SessionOptions:
     """Options for loading a cached pre-optimized graph: nothing left to optimize, no prepacking."""
-    options = session_options("cpu", fused, arena)
+    options = session_options("cpu", fused)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     # Prepacking copies every weight into private packed buffers (~+1 GB on an SD 1.5 UNet);
     # measured no slower without it on the pre-optimized graph.
@@ -535,7 +548,7 @@ def preoptimized_options(fused: bool, arena: bool | None = None) -> ort.SessionO
 
 
 def open_session(
-    path: Path, provider: str, fused: bool, providers: list[str], arena: bool | None = None,
+    path: Path, provider: str, fused: bool, providers: list[str],
     profile_prefix: str | None = None,
 ) -> tuple[ort.InferenceSession, Path]:
     """An onnxruntime session for `path`, and the graph file it loaded: on CPU the pre-optimized
@@ -559,13 +572,13 @@ def open_session(
             if not (entry / "model.onnx").is_file():
                 _preoptimize(path, entry, fused)
             session = ort.InferenceSession(
-                str(entry / "model.onnx"), sess_options=profiled(preoptimized_options(fused, arena)),
+                str(entry / "model.onnx"), sess_options=profiled(preoptimized_options(fused)),
                 providers=providers,
             )
             return session, entry / "model.onnx"
         except Exception:  # noqa: BLE001 - the cache is an optimization; the plain path reports errors
             pass
     session = ort.InferenceSession(
-        str(path), sess_options=profiled(session_options(provider, fused, arena)), providers=providers
+        str(path), sess_options=profiled(session_options(provider, fused)), providers=providers
     )
     return session, Path(path)
