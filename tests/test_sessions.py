@@ -272,9 +272,9 @@ def test_session_cache_follows_changes_to_the_graph_file(tmp_path, monkeypatch, 
     path = tmp_path / "model.onnx"
     x = np.arange(1024, dtype=np.float32)
     entries = []
-    for factor in (2.0, 3.0, 2.0):
+    for version, factor in enumerate((2.0, 3.0, 2.0), start=1):
         _scale_graph(path, factor)
-        os.utime(path, ns=(int(factor * 1e9), int(factor * 1e9)))  # distinct mtimes, as real edits
+        os.utime(path, ns=(version * 10**9, version * 10**9))  # distinct mtimes, as real edits
         graph = sessions.Graph("unet", path, "cpu", fused=True)
         assert np.array_equal(graph.run({"x": x})["y"], x * factor)
         (entry,) = [p.name for p in cache.iterdir()]  # the previous version's entry is gone
