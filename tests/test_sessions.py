@@ -284,3 +284,30 @@ def test_session_cache_follows_changes_to_the_graph_file(tmp_path, monkeypatch, 
     assert entries[0] != entries[1]
     if identity == "bytes":  # the same bytes again: the same entry (by stat: a new one, ctime moved)
         assert entries[2] == entries[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux's /proc")
+def test_writing_a_cache_entry_leaves_no_heap_behind(tmp_path, monkeypatch):
+    """Writing a pre-optimized entry parses the whole graph, weights included; that memory goes
+    back to the OS once the entry is written (the session then maps the weights from the entry)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdport.runtime.sessions import Graph
+
+    monkeypatch.setenv("SDPORT_ORT_CACHE", str(tmp_path / "cache"))
+    # 128 MB of weights inline, in 1 MB tensors (as a text encoder's: allocations that glibc's
+    # heap serves and keeps, unlike single huge ones it maps and unmaps).
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(1 << 18).astype(np.float32), f"w{i}") for i in range(128)]
+    nodes = [helper.make_node("Add", ["x" if i == 0 else f"h{i}", f"w{i}"], [f"h{i + 1}"]) for i in range(128)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1 << 18])],
+        [helper.make_tensor_value_info("h128", TensorProto.FLOAT, [1 << 18])], weights,
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    del weights, graph
+    before = _resident_mb()
+    Graph("unet", path, "cpu", fused=True)
+    assert _resident_mb() - before < 32

@@ -501,6 +501,22 @@ def graph_cache_key(path: Path, fused: bool) -> str:
     return digest.hexdigest()[:32]
 
 
+def _trim_heap() -> None:
+    """Hands the C heap's free pages back to the OS (glibc's malloc_trim; elsewhere nothing).
+
+    Optimizing a graph parses it whole, weights included, and glibc keeps what was freed: writing
+    SD 1.5's text encoder entry left 0.65 GB resident in the process until it ended.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
+
+
 def _preoptimize(path: Path, entry: Path, fused: bool) -> None:
     """Writes the optimized graph of `path` to `entry`/model.onnx, atomically (temp + rename)."""
     import json
@@ -518,6 +534,7 @@ def _preoptimize(path: Path, entry: Path, fused: bool) -> None:
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         del session
+        _trim_heap()
         (tmp / "source.json").write_text(json.dumps({"source": str(Path(path).resolve())}) + "\n")
         # Entries made from this same source file are stale now: drop them (each is a full copy).
         for old in entry.parent.iterdir():
