@@ -77,29 +77,26 @@ def _file_mappings() -> list[dict]:
     return mappings
 
 
-def release_mapped_pages(files: frozenset[str]) -> int:
-    """Drops this process's resident pages of the memory-mapped `files` (real paths); bytes dropped.
+def release_mapped_pages(files: frozenset[str]) -> None:
+    """Drops this process's resident pages of the memory-mapped `files` (real paths).
 
     Only mappings with no page written (no copy-on-write "Anonymous" pages) are touched, so
-    nothing is lost: the next access reads the file's pages again. 0 where /proc/self/smaps or
-    madvise is missing (not Linux).
+    nothing is lost: the next access reads the file's pages again. Nothing happens where
+    /proc/self/smaps or madvise is missing (not Linux).
     """
     if not files or not sys.platform.startswith("linux"):
-        return 0
+        return
     try:
         import ctypes
 
         mappings = _file_mappings()
         madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError, ValueError, IndexError):
-        return 0
+        return
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    dropped = 0
     for m in mappings:
         if m["path"] in files and m.get("Anonymous", 1) == 0 and m.get("Rss", 0) > 0:
-            if madvise(m["start"], m["end"] - m["start"], _MADV_DONTNEED) == 0:
-                dropped += m["Rss"] << 10
-    return dropped
+            madvise(m["start"], m["end"] - m["start"], _MADV_DONTNEED)
 
 
 def weight_files(graph_file: Path) -> frozenset[str]:
@@ -481,11 +478,9 @@ def _file_identity(path: Path) -> str:
     """A file as the cache key sees it: a small one by its bytes, a large one (weights) by size,
     mtime, ctime and inode, as the sha256 check's cache does (checksums.py); hashing SD 1.5's
     inline-weight text encoder and VAEs (0.8 GB) cost 1.0 s per load."""
-    import hashlib
-
     stat = path.stat()
     if stat.st_size < checksums.CACHE_MIN_BYTES:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return checksums.file_sha256(path)
     return f"{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
 
 
