@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 from pathlib import Path
@@ -87,13 +88,18 @@ def test_every_conv_rewritten_still_matches_pytorch(component, branch, plain_con
 
 
 def _assert_restores_exactly(rewritten_path: Path, plain_path: Path) -> None:
-    rewritten, plain = onnx.load(str(rewritten_path)), onnx.load(str(plain_path))
+    rewritten = onnx.load(str(rewritten_path))
     assert winograd.restore_convs(rewritten) == len(_records(rewritten_path)) > 0
-    assert [(n.op_type, list(n.input), list(n.output)) for n in rewritten.graph.node] == [
-        (n.op_type, list(n.input), list(n.output)) for n in plain.graph.node
+    _assert_same_graph(rewritten, plain_path)
+
+
+def _assert_same_graph(model: onnx.ModelProto, path: Path) -> None:
+    other = onnx.load(str(path))
+    assert [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node] == [
+        (n.op_type, list(n.input), list(n.output)) for n in other.graph.node
     ]
-    want = {t.name: onnx.numpy_helper.to_array(t) for t in plain.graph.initializer}
-    got = {t.name: onnx.numpy_helper.to_array(t) for t in rewritten.graph.initializer}
+    want = {t.name: onnx.numpy_helper.to_array(t) for t in other.graph.initializer}
+    got = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     assert got.keys() == want.keys()
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value)
@@ -148,27 +154,53 @@ def _assert_not_folded(src: Path, tmp_path: Path) -> None:
     assert stored < 1.01 * sum(int(np.prod(t.dims)) for t in onnx.load(str(src)).graph.initializer)
 
 
-def test_int8_quantization_of_a_winograd_unet_equals_that_of_the_plain_one(plain_conv_dir, tmp_path):
+@pytest.mark.parametrize("keep_winograd", [True, False])
+def test_int8_quantization_of_a_winograd_unet_is_onnxruntimes_quantization(keep_winograd, plain_conv_dir, tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     plain = plain_conv_dir / "unet" / "model.onnx"
     rewritten = tmp_path / "rewritten" / "model.onnx"
     assert _rewrite_all(plain, rewritten) > 0
-    quantize_unet(plain, tmp_path / "from_plain" / "model.onnx")
-    quantize_unet(rewritten, tmp_path / "from_winograd" / "model.onnx")
-    from_winograd = onnx.load(str(tmp_path / "from_winograd" / "model.onnx"))
-    assert not any("/winograd/" in n.name for n in from_winograd.graph.node)
-    assert "ConvInteger" in {n.op_type for n in from_winograd.graph.node}
+    quantized = tmp_path / "int8" / "model.onnx"
+    quantize_unet(rewritten, quantized, winograd=keep_winograd)
+    int8 = onnx.load(str(quantized))
+    kept = list(_records(rewritten)) if keep_winograd else []
+    # Kept convs stay Winograd with their fp32 taps; MatMuls and the other convs are int8.
+    assert list(winograd.winograd_records(int8)) == kept
+    taps = {name for record in _records(rewritten).values() for name in record["taps"]}
+    assert {t.name: t.data_type for t in int8.graph.initializer if t.name in taps} == dict.fromkeys(
+        taps if keep_winograd else (), onnx.TensorProto.FLOAT)
+    op_types = collections.Counter(n.op_type for n in int8.graph.node)
+    assert op_types["ConvInteger"] > 0 and op_types["MatMulInteger"] + op_types["DynamicQuantizeMatMul"] > 0
 
+    # Reference: onnxruntime's quantizer on the plain graph, told to leave the same convs fp32.
+    source = onnx.load(str(plain))  # with the domain of its fused attention, for shape inference
+    source.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    onnx.save(source, str(tmp_path / "source.onnx"))
+    float_type = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    quantize_dynamic(tmp_path / "source.onnx", tmp_path / "matmul.onnx", op_types_to_quantize=["MatMul"],
+                     weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True, **float_type})
+    quantize_dynamic(tmp_path / "matmul.onnx", tmp_path / "reference.onnx", op_types_to_quantize=["Conv"],
+                     nodes_to_exclude=kept, weight_type=QuantType.QUInt8, extra_options=float_type)
+    # Winograd undone, it is exactly that graph.
+    restored = onnx.ModelProto()
+    restored.CopyFrom(int8)
+    assert winograd.restore_convs(restored) == len(kept)
+    _assert_same_graph(restored, tmp_path / "reference.onnx")
+
+    # And runs as close to the fp32 graph as it. Not equal with Winograd: dynamic quantization
+    # takes each activation's range per run, which Winograd's 1e-6 differences move.
     rng = np.random.default_rng(2)
     feeds = {
-        "sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+        "sample": rng.standard_normal((2, 4, 32, 32), dtype=np.float32),  # the Winograd branch
         "timestep": np.array(500, dtype=np.float32),
         "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32),
     }
-    outputs = [
-        ort.InferenceSession(str(tmp_path / name / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-        for name in ("from_plain", "from_winograd")
-    ]
-    np.testing.assert_array_equal(outputs[0], outputs[1])
+    fp32, got, want = (
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        for path in (rewritten, quantized, tmp_path / "reference.onnx")
+    )
+    assert 0 < np.abs(got - fp32).max() < 1.5 * np.abs(want - fp32).max()
     shutil.rmtree(tmp_path / "rewritten")
 
 
@@ -182,9 +214,13 @@ def test_the_stage_runs_in_a_child_process_for_large_graphs(tiny_diffusers_dir, 
     assert _records(out / "vae_decoder" / "model.onnx")
 
 
-def test_cli_no_winograd_reaches_the_export(monkeypatch, tmp_path):
+def test_cli_no_winograd_reaches_the_export_and_the_quantizer(monkeypatch, tmp_path):
+    from sdport.export import quantize
+
     calls = []
     monkeypatch.setattr(export_folder, "export_model", lambda *args, **kwargs: calls.append(kwargs))
-    assert main(["export", str(tmp_path / "src"), str(tmp_path / "out"), "--no-winograd", "-q"]) == 0
-    assert main(["export", str(tmp_path / "src"), str(tmp_path / "out"), "-q"]) == 0
-    assert [call["winograd"] for call in calls] == [False, True]
+    monkeypatch.setattr(quantize, "quantize_model", lambda *args, **kwargs: calls.append(kwargs))
+    for command in ("export", "quantize"):
+        assert main([command, str(tmp_path / "src"), str(tmp_path / "out"), "--no-winograd", "-q"]) == 0
+        assert main([command, str(tmp_path / "src"), str(tmp_path / "out"), "-q"]) == 0
+    assert [call["winograd"] for call in calls] == [False, True, False, True]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import onnx
 
@@ -40,11 +41,14 @@ def load_model(path: Path) -> onnx.ModelProto:
     return onnx.load_model(str(path), load_external_data=True)
 
 
-def resave(path: Path) -> str | None:
-    """Rewrites a graph in place in our layout (e.g. one data file instead of one per tensor)."""
+def resave(path: Path, edit: Callable[[onnx.ModelProto], object] | None = None) -> str | None:
+    """Rewrites a graph in place in our layout (e.g. one data file instead of one per tensor),
+    after `edit` (if given) has changed the loaded model in place."""
     model = onnx.load_model(str(path), load_external_data=False)
     stale = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
     onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    if edit is not None:
+        edit(model)
     for name in stale:
         (path.parent / name).unlink(missing_ok=True)
     return save_model(model, path)

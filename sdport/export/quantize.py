@@ -1,9 +1,10 @@
 """`quantize_model`: a copy of an exported folder whose UNet has int8 weights (CPU, opt-in).
 
-onnxruntime's dynamic quantization: MatMul weights to int8, Conv weights to uint8, activations
-quantized per run. Measured on an SD 1.5-sized UNet, 2 CPU cores (FIELD_NOTES): 1.7-1.8x faster
-than fp32 PyTorch at a third of the memory. It changes the images: the error against the fp32
-folder is measured here (UNet output) and by benchmarks/bench_sd.py (whole images), and printed.
+onnxruntime's dynamic quantization: MatMul weights to int8, Conv weights to uint8 (the Winograd
+convs of the export stay fp32 unless asked), activations quantized per run. Measured on an SD
+1.5-sized UNet at 512 px, 2 AVX2 cores (benchmarks/RESULTS.md): 0.58x the time of fp32 PyTorch
+at 0.37x its memory. It changes the images: the error against the fp32 folder is measured here
+(UNet output) and by benchmarks/bench_sd.py (whole images), and printed.
 Only the UNet is quantized: it holds 86% of the weights and nearly all of the time.
 """
 
@@ -33,12 +34,19 @@ def _print_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def quantize_unet(src: Path, dst: Path) -> None:
-    """Two dynamic-quantization passes over the graph at `src`, written to `dst` (+ its data file)."""
+def quantize_unet(src: Path, dst: Path, winograd: bool = True) -> None:
+    """Two dynamic-quantization passes over the graph at `src`, written to `dst` (+ its data file).
+
+    With `winograd`, Winograd convs (export/winograd.py) stay Winograd with their fp32 weights:
+    SD 1.5's 512 px step takes 6.3 s instead of 7.5 s with them as uint8 ConvInteger, for 2.0 GB
+    peak instead of 1.2 GB (2 AVX2 cores). The other convs (1x1, and the 3x3 ones too small for
+    Winograd, which hold most of the conv weights) get uint8 weights either way."""
     import logging
 
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from sdport.export.winograd import rewrite_named
 
     # Shape inference can't type the outputs of contrib ops (MultiHeadAttention); all are fp32.
     FLOAT = TensorProto.FLOAT
@@ -47,28 +55,33 @@ def quantize_unet(src: Path, dst: Path) -> None:
     work = dst.parent / ".matmul"
     work.mkdir(parents=True, exist_ok=True)
     try:
-        source = _with_contrib_opset(src, work / "source")
+        source, winograd_convs = _quantizer_input(src, work / "source")
+        winograd_convs = winograd_convs if winograd else []
         # int8 MatMul weights; only weights (MatMulConstBOnly): attention inputs stay fp32.
         quantize_dynamic(source, work / "model.onnx", op_types_to_quantize=["MatMul"],
                          weight_type=QuantType.QInt8, use_external_data_format=True,
                          extra_options={"MatMulConstBOnly": True, "DefaultTensorType": FLOAT})
         # uint8, not int8, Conv weights: signed ConvInteger ran 3x slower on x86 CPUs (FIELD_NOTES).
         quantize_dynamic(work / "model.onnx", dst, op_types_to_quantize=["Conv"],
-                         weight_type=QuantType.QUInt8, use_external_data_format=True,
-                         extra_options={"DefaultTensorType": FLOAT})
+                         nodes_to_exclude=winograd_convs, weight_type=QuantType.QUInt8,
+                         use_external_data_format=True, extra_options={"DefaultTensorType": FLOAT})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    resave(dst)  # our layout: one file, or one model.onnx_data when over 2 GB
+    # Our layout (one file, or one model.onnx_data when over 2 GB), with the Winograd convs back.
+    resave(dst, edit=lambda model: rewrite_named(model, winograd_convs))
 
 
-def _with_contrib_opset(src: Path, work: Path) -> Path:
-    """A copy of `src` that imports the com.microsoft domain, which the quantizer's shape inference
-    needs for the fused attention nodes (onnxruntime itself loads the graph without it)."""
+def _quantizer_input(src: Path, work: Path) -> tuple[Path, list[str]]:
+    """A copy of `src` that the quantizer can read, and the names of its Winograd convs.
+
+    The copy imports the com.microsoft domain, which the quantizer's shape inference needs for
+    the fused attention nodes (onnxruntime itself loads the graph without it), and has its
+    Winograd convs back as Conv nodes: the quantizer does not look into their If branches."""
     import onnx
 
     from sdport.export.attention import unpack_self_attention
     from sdport.export.onnx_files import save_model
-    from sdport.export.winograd import has_winograd, restore_convs
+    from sdport.export.winograd import restore_convs, winograd_records
     from sdport.runtime.sessions import external_data_locations
 
     work.mkdir(parents=True, exist_ok=True)
@@ -77,17 +90,17 @@ def _with_contrib_opset(src: Path, work: Path) -> Path:
     unpack_self_attention(model)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    if has_winograd(model):
-        # The quantizer makes ConvInteger of Conv nodes: Winograd convs go back to Conv, with
-        # their exact weights, which this needs in memory.
+    winograd_convs = list(winograd_records(model))
+    if winograd_convs:
+        # restore_convs needs the weights in memory: it rebuilds each conv's weight from its taps.
         onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
         restore_convs(model)
         save_model(model, work / src.name)
-        return work / src.name
+        return work / src.name, winograd_convs
     for location in external_data_locations(src):  # copied: onnx refuses hard-linked data files
         shutil.copyfile(src.parent / location, work / location)
     onnx.save_model(model, str(work / src.name))
-    return work / src.name
+    return work / src.name, []
 
 
 def unet_feeds(manifest, latent: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -140,6 +153,7 @@ def quantize_model(
     out: str | os.PathLike,
     *,
     force: bool = False,
+    winograd: bool = True,
     report: Reporter | None = _print_stderr,
 ) -> Path:
     """Writes `out`: the model folder `folder` with an int8 UNet (MatMul int8, Conv uint8 weights).
@@ -147,6 +161,8 @@ def quantize_model(
     Args:
         folder: an sdport model folder with an fp32 UNet (the default export).
         out: the folder to create; refused if it exists unless `force`.
+        winograd: keep the Winograd convs of the export in fp32 (faster); False quantizes them
+            too (less memory).
         report: receives one line per stage; None for quiet.
     Returns:
         The path of the finished folder. Its manifest records precision "int8" for the UNet and,
@@ -172,9 +188,10 @@ def quantize_model(
             relative = path.relative_to(folder).as_posix()
             if path.is_file() and relative not in unet_files and relative != "sdport.json":
                 _link_or_copy(path, tmp / relative)
-        report(f"quantizing {QUANTIZED} (MatMul int8, Conv uint8 weights)")
+        kept = ", Winograd convs fp32" if winograd else ""
+        report(f"quantizing {QUANTIZED} (MatMul int8, Conv uint8 weights{kept})")
         final = tmp / spec.file
-        quantize_unet(folder / spec.file, final)
+        quantize_unet(folder / spec.file, final, winograd)
         files = {f"{QUANTIZED}/{p.name}": file_sha256(p) for p in sorted(final.parent.iterdir())
                  if p.is_file() and p.name.startswith("model.onnx")}
         external = [f for f in files if not f.endswith(".onnx")]

@@ -369,6 +369,13 @@ def rewrite_convs(model: onnx.ModelProto, convs: list[_Conv], min_tiles: int = M
     return list(records)[before:]
 
 
+def rewrite_named(model: onnx.ModelProto, names: list[str]) -> list[str]:
+    """Rewrites the eligible convs named `names` (in place), as restore_convs listed them:
+    quantization restores them, quantizes the rest, and rewrites them again."""
+    wanted = set(names)
+    return rewrite_convs(model, [c for c in eligible_convs(model, None) if c.node.name in wanted])
+
+
 def restore_convs(model: onnx.ModelProto) -> int:
     """Turns rewritten convs back into Conv nodes with their original weights; returns how many."""
     records = winograd_records(model)
