@@ -188,8 +188,8 @@ def test_int8_quantization_of_a_winograd_unet_is_onnxruntimes_quantization(keep_
     assert winograd.restore_convs(restored) == len(kept)
     _assert_same_graph(restored, tmp_path / "reference.onnx")
 
-    # And runs as close to the fp32 graph as it. Not equal with Winograd: dynamic quantization
-    # takes each activation's range per run, which Winograd's 1e-6 differences move.
+    # Its output is as close to the fp32 graph's as the reference's. Not equal to the reference's:
+    # dynamic quantization takes each activation's range per run, which Winograd's 1e-6 differences move.
     rng = np.random.default_rng(2)
     feeds = {
         "sample": rng.standard_normal((2, 4, 32, 32), dtype=np.float32),  # the Winograd branch

@@ -374,10 +374,14 @@ def rewrite_convs(model: onnx.ModelProto, convs: list[_Conv], min_tiles: int = M
 
 
 def rewrite_named(model: onnx.ModelProto, names: list[str]) -> list[str]:
-    """Rewrites the eligible convs named `names` (in place), as restore_convs listed them:
-    quantization restores them, quantizes the rest, and rewrites them again."""
+    """Rewrites the convs named `names` in place (quantization restores the Winograd convs,
+    quantizes the other nodes, and then rewrites these again); raises if one no longer qualifies."""
     wanted = set(names)
-    return rewrite_convs(model, [c for c in eligible_convs(model, None) if c.node.name in wanted])
+    convs = [c for c in eligible_convs(model, None) if c.node.name in wanted]
+    if len(convs) != len(wanted):  # e.g. a pass in between gave one of them other weights
+        missing = sorted(wanted - {c.node.name for c in convs})
+        raise ValueError(f"convs no longer eligible for Winograd: {missing[:3]} ({len(missing)} in all)")
+    return rewrite_convs(model, convs)
 
 
 def restore_convs(model: onnx.ModelProto) -> int:
