@@ -57,14 +57,14 @@ def quantize_unet(src: Path, dst: Path, winograd: bool = True) -> None:
     work.mkdir(parents=True, exist_ok=True)
     try:
         source, winograd_convs = _quantizer_input(src, work / "source")
-        winograd_convs = winograd_convs if winograd else []
+        winograd_convs = winograd_convs if winograd else {}
         # int8 MatMul weights; only weights (MatMulConstBOnly): attention inputs stay fp32.
         quantize_dynamic(source, work / "model.onnx", op_types_to_quantize=["MatMul"],
                          weight_type=QuantType.QInt8, use_external_data_format=True,
                          extra_options={"MatMulConstBOnly": True, "DefaultTensorType": FLOAT})
         # uint8, not int8, Conv weights: signed ConvInteger ran 3x slower on x86 CPUs (FIELD_NOTES).
         quantize_dynamic(work / "model.onnx", dst, op_types_to_quantize=["Conv"],
-                         nodes_to_exclude=winograd_convs, weight_type=QuantType.QUInt8,
+                         nodes_to_exclude=list(winograd_convs), weight_type=QuantType.QUInt8,
                          use_external_data_format=True, extra_options={"DefaultTensorType": FLOAT})
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -72,8 +72,8 @@ def quantize_unet(src: Path, dst: Path, winograd: bool = True) -> None:
     resave(dst, edit=lambda model: rewrite_named(model, winograd_convs))
 
 
-def _quantizer_input(src: Path, work: Path) -> tuple[Path, list[str]]:
-    """A copy of `src` that the quantizer can read, and the names of its Winograd convs.
+def _quantizer_input(src: Path, work: Path) -> tuple[Path, dict[str, dict]]:
+    """A copy of `src` that the quantizer can read, and its Winograd convs' records by name.
 
     The copy imports the com.microsoft domain, which the quantizer's shape inference needs for
     the fused attention nodes (onnxruntime itself loads the graph without it), and has its
@@ -91,7 +91,7 @@ def _quantizer_input(src: Path, work: Path) -> tuple[Path, list[str]]:
     unpack_self_attention(model)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    winograd_convs = list(winograd_records(model))
+    winograd_convs = winograd_records(model)
     if winograd_convs:
         # restore_convs needs the weights in memory: it rebuilds each conv's weight from its taps.
         onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
@@ -101,7 +101,7 @@ def _quantizer_input(src: Path, work: Path) -> tuple[Path, list[str]]:
     for location in external_data_locations(src):  # copied: onnx refuses hard-linked data files
         shutil.copyfile(src.parent / location, work / location)
     onnx.save_model(model, str(work / src.name))
-    return work / src.name, []
+    return work / src.name, {}
 
 
 def unet_feeds(manifest, latent: int, seed: int = 0) -> dict[str, np.ndarray]:

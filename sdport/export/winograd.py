@@ -26,9 +26,9 @@ in the graph's metadata under WINOGRAD_KEY.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,10 @@ TILE = 4  # output tile side; input tiles are TILE + 2 = 6
 # 9.6 s instead of 13.1 s at a 1.9 GB peak instead of 1.3 GB; encode 4.2 s instead of 5.5 s at
 # 1.45 GB instead of 0.7 GB.
 MIN_TILES = 16
-MAX_TRANSFORMED_BYTES = 320 << 20
+# Above this, a conv's tiles are transformed in horizontal strips of tile rows, one after the
+# other, each under it: the 256-channel convs of a 512 px VAE decode (576 MiB whole) ran at
+# 0.99x (256->256) and 1.33x (256->128) of Conv's time whole, 0.53x and 0.61x in strips.
+MAX_STRIP_BYTES = 128 << 20
 MIN_CHANNELS = 16  # conv_in / conv_out (4 channels) gain nothing
 # U is made and used in slices of output channels of at most this size: whole, the 2560->1280
 # convs of an SD 1.5 UNet would need 472 MB at once, and the CPU arena keeps such peaks (+1.3 GB
@@ -94,10 +97,11 @@ def output_rows() -> np.ndarray:
     return np.einsum("ri,sj->rsij", _AT, _AT).reshape(TILE * TILE, POSITIONS).astype(np.float32)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Conv:
     node: onnx.NodeProto
     weight: onnx.TensorProto
+    strips: int = 1  # horizontal strips of tiles transformed one after the other
 
 
 def _attributes(node: onnx.NodeProto) -> dict:
@@ -143,12 +147,17 @@ def conv_input_shapes(model: onnx.ModelProto, folder: Path, input_dims: dict[str
     return {n.name: shapes.get(n.input[0]) for n in inferred.graph.node if n.op_type == "Conv"}
 
 
-def _worth_it(shape: list | None) -> bool:
+def _strips(shape: list | None) -> int:
+    """How many strips a conv with input `shape` (at the native size) is transformed in; 0 where
+    Winograd does not pay (too few tiles, or an unknown shape)."""
     if not shape or len(shape) != 4 or any(d is None for d in shape[1:]):
-        return False
+        return 0
     _batch, channels, height, width = shape
-    tiles = math.ceil(height / TILE) * math.ceil(width / TILE)
-    return tiles >= MIN_TILES and channels * POSITIONS * tiles * 4 <= MAX_TRANSFORMED_BYTES
+    tile_rows, tile_cols = math.ceil(height / TILE), math.ceil(width / TILE)
+    if tile_rows * tile_cols < MIN_TILES:
+        return 0
+    transformed = channels * POSITIONS * tile_rows * tile_cols * 4
+    return min(math.ceil(transformed / MAX_STRIP_BYTES), tile_rows)
 
 
 def eligible_convs(model: onnx.ModelProto, shapes: dict[str, list] | None) -> list[_Conv]:
@@ -168,9 +177,9 @@ def eligible_convs(model: onnx.ModelProto, shapes: dict[str, list] | None) -> li
             continue
         if len(node.input) > 2 and node.input[2] and node.input[2] not in initializers:
             continue
-        if shapes is not None and not _worth_it(shapes.get(node.name)):
-            continue
-        found.append(_Conv(node, weight))
+        strips = 1 if shapes is None else _strips(shapes.get(node.name))
+        if strips:
+            found.append(_Conv(node, weight, strips))
     return found
 
 
@@ -205,9 +214,13 @@ class _Builder:
         shape = n("Shape", [x], "shape")
         hw = n("Slice", [shape, ints(2), ints(4)], "hw")
         tiles = n("Div", [n("Add", [hw, ints(TILE - 1)], "hw_up"), ints(TILE)], "tiles")
-        count = n("Mul", [n("Slice", [tiles, ints(0), ints(1)], "tile_rows"),
-                          n("Slice", [tiles, ints(1), ints(2)], "tile_cols")], "count")
-        use_winograd = n("Squeeze", [n("Greater", [count, ints(self.min_tiles - 1)], "enough_tiles")], "use_winograd")
+        tile_rows = n("Slice", [tiles, ints(0), ints(1)], "tile_rows")
+        tile_cols = n("Slice", [tiles, ints(1), ints(2)], "tile_cols")
+        count = n("Mul", [tile_rows, tile_cols], "count")
+        enough = n("Greater", [count, ints(self.min_tiles - 1)], "enough_tiles")
+        if conv.strips > 1:  # and a tile row per strip
+            enough = n("And", [enough, n("Greater", [tile_rows, ints(conv.strips - 1)], "enough_rows")], "enough")
+        use_winograd = n("Squeeze", [enough], "use_winograd")
 
         # The stored taps get their shape from a value computed from the input's height and width
         # (1, as there are tiles), so constant folding (onnxruntime's, onnxsim's) can't store what
@@ -227,7 +240,7 @@ class _Builder:
             shape = n("Mul", [one, ints(9, size * in_channels)], f"taps_shape{start}")
             live_taps.append(n("Reshape", [stored, shape], f"live_taps{start}"))  # [9, size*C]
         branches = {
-            "then_branch": self._winograd_branch(p, x, hw, tiles, count, out_channels, in_channels, live_taps),
+            "then_branch": self._winograd_branch(p, x, hw, tiles, out_channels, in_channels, live_taps, conv.strips),
             "else_branch": self._direct_branch(p, x, hw, one, out_channels, in_channels, live_taps),
         }
         chosen = n("If", [use_winograd], "chosen", **branches)
@@ -238,40 +251,35 @@ class _Builder:
             nodes.append(helper.make_node("Identity", [chosen], [y], name=p + "output"))
         return nodes
 
-    def _winograd_branch(self, p: str, x: str, hw: str, tiles: str, count: str, out_channels: int,
-                         in_channels: int, live_taps: str) -> onnx.GraphProto:
-        ints, c = self.ints, self.constant
+    def _winograd_branch(self, p: str, x: str, hw: str, tiles: str, out_channels: int, in_channels: int,
+                         live_taps: list[str], strips: int) -> onnx.GraphProto:
+        ints = self.ints
         nodes: list[onnx.NodeProto] = []
         n = _node_maker(nodes, p)
         # Tiles cover the input padded by 1 (the conv's own padding) and up to a multiple of 4.
         covered = n("Mul", [tiles, ints(TILE)], "covered")
         pad_end = n("Sub", [n("Add", [covered, ints(1)], "covered_1"), hw], "pad_end")  # 1 + 4h - H
         pads = n("Concat", [ints(0, 0, 1, 1, 0, 0), pad_end], "pads", axis=0)
-        planes = n("Reshape", [n("Pad", [x, pads], "padded"), ints(-1, 1, 0, 0)], "planes")  # [N*C, 1, ...]
-
-        # Input transform: 36 planes per channel, one value per tile -> [N, 36, C, tiles].
-        v = n("Conv", [planes, c("winograd/input_kernels", input_kernels())], "v",
-              kernel_shape=[TILE + 2, TILE + 2], strides=[TILE, TILE])
-        v_shape = n("Concat", [ints(-1, in_channels, POSITIONS), count], "v_shape", axis=0)
-        v = n("Transpose", [n("Reshape", [v, v_shape], "v_tiles")], "v_by_position", perm=[0, 2, 1, 3])
-
-        # Products, one slice of output channels at a time: U = G.g.G^T [36, size, C], used at once.
-        rows = c("winograd/weight_rows", weight_rows())
-        parts = []
-        for (start, size), taps in zip(channel_slices(out_channels, in_channels), live_taps):
-            u = n("Reshape", [n("MatMul", [rows, taps], f"u_flat{start}"), ints(POSITIONS, size, in_channels)],
-                  f"u{start}")
-            parts.append(n("MatMul", [u, v], f"m{start}"))  # [N, 36, size, tiles]
-        m = parts[0] if len(parts) == 1 else n("Concat", parts, "m", axis=2)
-
-        # Output transform: 4x4 outputs per tile, back to NCHW, cropped to H x W.
-        m = n("Reshape", [m, ints(0, POSITIONS, -1)], "m_flat")
-        t = n("MatMul", [c("winograd/output_rows", output_rows()), m], "out_tiles")  # [N, 16, K*tiles]
-        # Row a*4+b of a tile's outputs is the block offset (a, b) of DepthToSpace's DCR order; it
-        # ran 4.6x faster than the same Reshape + 6-D Transpose (0.25 s of a 512 px UNet step).
-        t_shape = n("Concat", [ints(-1, TILE * TILE * out_channels), tiles], "t_shape", axis=0)
-        t = n("DepthToSpace", [n("Reshape", [t, t_shape], "t_blocks")], "covered_out", blocksize=TILE, mode="DCR")
-        n("Slice", [t, ints(0, 0), hw, ints(2, 3)], "winograd_out")
+        padded = n("Pad", [x, pads], "padded")
+        batch = n("Slice", [n("Shape", [x], "x_shape"), ints(0), ints(1)], "batch")
+        products = _Products(self, n, batch, out_channels, in_channels, live_taps)
+        if strips == 1:
+            out = products.tiles(padded, tiles, "")
+        else:
+            # Strip i: tile rows [i*R/S, (i+1)*R/S) of R, reading the padded rows they cover (+2).
+            tile_rows, tile_cols = (f"{p}tile_rows", f"{p}tile_cols")  # the outer graph's
+            bounds = [n("Div", [n("Mul", [tile_rows, ints(i)], f"rows_x{i}"), ints(strips)], f"row{i}")
+                      for i in range(1, strips)]
+            bounds = [ints(0)] + bounds + [tile_rows]
+            outs = []
+            for i, (first, end) in enumerate(zip(bounds, bounds[1:])):
+                top = n("Mul", [first, ints(TILE)], f"strip{i}_top")
+                bottom = n("Add", [n("Mul", [end, ints(TILE)], f"strip{i}_end"), ints(2)], f"strip{i}_bottom")
+                strip = n("Slice", [padded, top, bottom, ints(2)], f"strip{i}")
+                rows = n("Sub", [end, first], f"strip{i}_rows")
+                outs.append(products.tiles(strip, n("Concat", [rows, tile_cols], f"strip{i}_tiles", axis=0), f"_s{i}"))
+            out = n("Concat", outs, "covered_out", axis=2)
+        n("Slice", [out, ints(0, 0), hw, ints(2, 3)], "winograd_out")
         return _branch(p + "winograd", nodes, p + "winograd_out")
 
     def _direct_branch(self, p: str, x: str, hw: str, one: str, out_channels: int, in_channels: int,
@@ -305,6 +313,53 @@ class _Builder:
         out_shape = n("Concat", [ints(-1, out_channels), hw], "direct_shape", axis=0)
         n("Reshape", [summed, out_shape], "direct_out")
         return _branch(p + "direct", nodes, p + "direct_out")
+
+
+class _Products:
+    """The Winograd products of one conv over a padded input (or a strip of it), sharing U."""
+
+    def __init__(self, builder: _Builder, n, batch: str, out_channels: int, in_channels: int, live_taps: list[str]):
+        self.builder, self.n, self.batch = builder, n, batch
+        self.out_channels, self.in_channels = out_channels, in_channels
+        self.live_taps = live_taps
+        self.u: dict[int, str] = {}
+
+    def _u(self, start: int, size: int, taps: str) -> str:
+        """U = G.g.G^T [36, size, C] of one slice of output channels, made at its first use."""
+        if start not in self.u:
+            rows = self.builder.constant("winograd/weight_rows", weight_rows())
+            flat = self.n("MatMul", [rows, taps], f"u_flat{start}")
+            self.u[start] = self.n("Reshape", [flat, self.builder.ints(POSITIONS, size, self.in_channels)], f"u{start}")
+        return self.u[start]
+
+    def tiles(self, padded: str, tiles: str, suffix: str) -> str:
+        """[N, K, 4 * tile rows, 4 * tile cols] from `padded` ([N, C, 4 * rows + 2, 4 * cols + 2])."""
+        n, ints, c = self.n, self.builder.ints, self.builder.constant
+        k, channels = self.out_channels, self.in_channels
+        planes = n("Reshape", [padded, ints(-1, 1, 0, 0)], f"planes{suffix}")  # [N*C, 1, ...]
+        count = n("ReduceProd", [tiles], f"tile_count{suffix}", keepdims=1)
+
+        # Input transform: 36 planes per channel, one value per tile -> [N, 36, C, tiles].
+        v = n("Conv", [planes, c("winograd/input_kernels", input_kernels())], f"v{suffix}",
+              kernel_shape=[TILE + 2, TILE + 2], strides=[TILE, TILE])
+        v_shape = n("Concat", [self.batch, ints(channels, POSITIONS), count], f"v_shape{suffix}", axis=0)
+        v = n("Transpose", [n("Reshape", [v, v_shape], f"v_tiles{suffix}")], f"v_by_position{suffix}", perm=[0, 2, 1, 3])
+
+        # Products, one slice of output channels at a time.
+        parts = [n("MatMul", [self._u(start, size, taps), v], f"m{start}{suffix}")  # [N, 36, size, tiles]
+                 for (start, size), taps in zip(channel_slices(k, channels), self.live_taps)]
+        m = parts[0] if len(parts) == 1 else n("Concat", parts, f"m{suffix}", axis=2)
+
+        # Output transform: 4x4 outputs per tile, back to NCHW.
+        k_count = n("Mul", [count, ints(k)], f"k_count{suffix}")
+        m = n("Reshape", [m, n("Concat", [self.batch, ints(POSITIONS), k_count], f"m_shape{suffix}", axis=0)],
+              f"m_flat{suffix}")
+        t = n("MatMul", [c("winograd/output_rows", output_rows()), m], f"out_tiles{suffix}")  # [N, 16, K*tiles]
+        # Row a*4+b of a tile's outputs is the block offset (a, b) of DepthToSpace's DCR order; it
+        # ran 4.6x faster than the same Reshape + 6-D Transpose (0.25 s of a 512 px UNet step).
+        t_shape = n("Concat", [self.batch, ints(TILE * TILE * k), tiles], f"t_shape{suffix}", axis=0)
+        return n("DepthToSpace", [n("Reshape", [t, t_shape], f"t_blocks{suffix}")], f"covered_out{suffix}",
+                 blocksize=TILE, mode="DCR")
 
 
 def _node_maker(nodes: list[onnx.NodeProto], prefix: str):
@@ -359,6 +414,7 @@ def rewrite_convs(model: onnx.ModelProto, convs: list[_Conv], min_tiles: int = M
             "taps": [tap_name(f"{name}/winograd/", start) for start, _ in
                      channel_slices(int(conv.weight.dims[0]), int(conv.weight.dims[1]))],
             "out_channels": int(conv.weight.dims[0]), "in_channels": int(conv.weight.dims[1]),
+            "strips": conv.strips,
         }
         dropped.add(conv.weight.name)
         if len(node.input) > 2 and node.input[2]:
@@ -373,13 +429,14 @@ def rewrite_convs(model: onnx.ModelProto, convs: list[_Conv], min_tiles: int = M
     return list(records)[before:]
 
 
-def rewrite_named(model: onnx.ModelProto, names: list[str]) -> list[str]:
-    """Rewrites the convs named `names` in place (quantization restores the Winograd convs,
-    quantizes the other nodes, and then rewrites these again); raises if one no longer qualifies."""
-    wanted = set(names)
-    convs = [c for c in eligible_convs(model, None) if c.node.name in wanted]
-    if len(convs) != len(wanted):  # e.g. a pass in between gave one of them other weights
-        missing = sorted(wanted - {c.node.name for c in convs})
+def rewrite_named(model: onnx.ModelProto, records: dict[str, dict]) -> list[str]:
+    """Rewrites the convs that `records` (winograd_records of an earlier form of `model`) name,
+    in place and as they were: quantization restores the Winograd convs, quantizes the other
+    nodes, and then rewrites these again. Raises if one no longer qualifies."""
+    convs = [dataclasses.replace(c, strips=records[c.node.name].get("strips", 1))
+             for c in eligible_convs(model, None) if c.node.name in records]
+    if len(convs) != len(records):  # e.g. a pass in between gave one of them other weights
+        missing = sorted(set(records) - {c.node.name for c in convs})
         raise ValueError(f"convs no longer eligible for Winograd: {missing[:3]} ({len(missing)} in all)")
     return rewrite_convs(model, convs)
 
