@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -25,10 +27,11 @@ def _records(path: Path) -> dict:
     return winograd.winograd_records(onnx.load_model(str(path), load_external_data=False))
 
 
-def _rewrite_all(src: Path, dst: Path, min_tiles: int = winograd.MIN_TILES) -> int:
+def _rewrite_all(src: Path, dst: Path, min_tiles: int = winograd.MIN_TILES, strips: int = 1) -> int:
     """`src` with every plain 3x3 conv rewritten (no native-size rule), saved at `dst`."""
     model = onnx.load(str(src))
-    names = winograd.rewrite_convs(model, winograd.eligible_convs(model, None), min_tiles=min_tiles)
+    convs = [dataclasses.replace(conv, strips=strips) for conv in winograd.eligible_convs(model, None)]
+    names = winograd.rewrite_convs(model, convs, min_tiles=min_tiles)
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(dst))
     return len(names)
@@ -85,6 +88,34 @@ def test_every_conv_rewritten_still_matches_pytorch(component, branch, plain_con
         for got, want in zip(session.run(None, inputs), wanted):
             assert got.shape == want.shape
             np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE * np.abs(want).max())
+
+
+@pytest.mark.parametrize("component", ["vae_decoder", "vae_encoder"])
+def test_convs_transformed_in_strips_still_match_pytorch(component, plain_conv_dir, reference, tmp_path):
+    # Large convs (a 512 px VAE's 256-channel ones) are transformed in strips of tile rows. Here
+    # every conv in 3, from 1 tile up: even strips, uneven ones (5 tile rows: 1, 2, 2), and
+    # inputs with fewer tile rows than strips, which take the direct sum.
+    path = tmp_path / component / "model.onnx"
+    assert _rewrite_all(plain_conv_dir / component / "model.onnx", path, min_tiles=1, strips=3) > 0
+    assert {record["strips"] for record in _records(path).values()} == {3}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(4)
+    for batch, h, w in CASES + [(1, 5, 7)]:
+        inputs, wanted = torch_outputs(reference, component, batch, h, w, rng)
+        for got, want in zip(session.run(None, inputs), wanted):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE * np.abs(want).max())
+    _assert_restores_exactly(path, plain_conv_dir / component / "model.onnx")
+
+
+def test_strips_follow_the_transformed_size_at_the_native_size():
+    # 4 bytes x 36 positions per tile and channel; strips are whole tile rows, at most one each.
+    whole = winograd.MAX_STRIP_BYTES // (4 * 36)
+    assert winograd._strips([1, 8, 8, 8]) == 0  # 4 tiles: too few
+    assert winograd._strips([1, 320, 64, 64]) == 1
+    assert winograd._strips([1, 256, 512, 512]) == math.ceil(256 * 128 * 128 / whole) == 5
+    assert winograd._strips([1, 128, 512, 512]) == 3
+    assert winograd._strips([1, 1 << 16, 16, 512]) == 4  # no more strips than tile rows
 
 
 def _assert_restores_exactly(rewritten_path: Path, plain_path: Path) -> None:
@@ -160,13 +191,14 @@ def test_int8_quantization_of_a_winograd_unet_is_onnxruntimes_quantization(keep_
 
     plain = plain_conv_dir / "unet" / "model.onnx"
     rewritten = tmp_path / "rewritten" / "model.onnx"
-    assert _rewrite_all(plain, rewritten) > 0
+    assert _rewrite_all(plain, rewritten, strips=2) > 0
     quantized = tmp_path / "int8" / "model.onnx"
     quantize_unet(rewritten, quantized, winograd=keep_winograd)
     int8 = onnx.load(str(quantized))
     kept = list(_records(rewritten)) if keep_winograd else []
-    # Kept convs stay Winograd with their fp32 taps; MatMuls and the other convs are int8.
-    assert list(winograd.winograd_records(int8)) == kept
+    # Kept convs stay Winograd (in as many strips) with their fp32 taps; MatMuls and the other
+    # convs are int8.
+    assert winograd.winograd_records(int8) == (_records(rewritten) if keep_winograd else {})
     taps = {name for record in _records(rewritten).values() for name in record["taps"]}
     assert {t.name: t.data_type for t in int8.graph.initializer if t.name in taps} == dict.fromkeys(
         taps if keep_winograd else (), onnx.TensorProto.FLOAT)

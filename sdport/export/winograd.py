@@ -2,15 +2,17 @@
 
 onnxruntime's CPU Conv is an im2col GEMM that already runs near this CPU's best fp32 rate
 (benchmarks/profile_unet.py), so fewer multiplications is what is left. A 3x3 Conv whose input
-at the folder's native size has at least MIN_TILES 4x4 output tiles (and whose transformed input
-stays under MAX_TRANSFORMED_BYTES) becomes standard ONNX operators, any runtime can run them,
-under an If that picks per run by the actual input:
+at the folder's native size has at least MIN_TILES 4x4 output tiles becomes standard ONNX
+operators, any runtime can run them, under an If that picks per run by the actual input:
 
-  Winograd, with at least MIN_TILES tiles:
+  Winograd, with at least MIN_TILES tiles (and a tile row per strip, below):
     input tiles:  Pad, then a 6x6 stride-4 Conv with the fixed B^T.d.B kernels -> 36 planes
     products:     one batched MatMul per 6x6 tile position, U[36, K, C] @ V[36, C, tiles]
     output tiles: MatMul with the fixed A^T.m.A rows, then DepthToSpace back to NCHW
   the direct sum over the 9 taps, with fewer (the 16x16 level of a 512 px UNet at 256 px).
+
+Where the transformed input V would pass MAX_STRIP_BYTES at the native size, the tiles go
+through those three steps in horizontal strips of tile rows, one strip after the other.
 
 The weights are stored once, as the 3x3 taps ([9, K*C], one initializer per slice of output
 channels), which both branches read as they are.
@@ -38,17 +40,15 @@ from onnx import helper, numpy_helper
 WINOGRAD_KEY = "sdport.winograd"
 TILE = 4  # output tile side; input tiles are TILE + 2 = 6
 # A conv is rewritten when its input at the native size has at least this many tiles (16x16
-# pixels; the If applies the same rule per run) and its transformed input (2.25x the input)
-# stays under this many bytes per image: the transforms are memory traffic. One conv, batch 1,
-# 2 cores, time against Conv (2026-11-26): 512->512 channels at 256x256 (288 MiB) 0.40x,
-# 256->256 at 256x256 0.53x, 128->128 at 512x512 (288 MiB) 0.82x; 256->256 at 512x512 (576 MiB)
-# 0.99x, 256->128 there 1.33x. At 512 px, against the earlier 128 MiB limit: SD's VAE decode
-# 9.6 s instead of 13.1 s at a 1.9 GB peak instead of 1.3 GB; encode 4.2 s instead of 5.5 s at
-# 1.45 GB instead of 0.7 GB.
+# pixels; the If applies the same rule per run).
 MIN_TILES = 16
-# Above this, a conv's tiles are transformed in horizontal strips of tile rows, one after the
-# other, each under it: the 256-channel convs of a 512 px VAE decode (576 MiB whole) ran at
-# 0.99x (256->256) and 1.33x (256->128) of Conv's time whole, 0.53x and 0.61x in strips.
+# The transformed input (2.25x the input) is made and used in strips of tile rows of at most
+# this many bytes per image: whole, it is memory traffic that outweighs the saved products. One
+# conv, batch 1, 2 cores, time against Conv (2026-11-26): 512->512 channels at 256x256 (288 MiB
+# whole) 0.40x; 256->256 at 512x512 (576 MiB) 0.99x whole, 0.53x in strips; 256->128 there
+# 1.33x whole, 0.61x in strips. SD's 512 px VAE decode: 13.1 s with the limit at 128 MiB and no
+# strips (the larger convs left as Conv), 9.6 s at 320 MiB, 8.5 s in strips (peak 1.3, 1.9 and
+# 1.6 GB); smaller strips (32-64 MiB) gained nothing more.
 MAX_STRIP_BYTES = 128 << 20
 MIN_CHANNELS = 16  # conv_in / conv_out (4 channels) gain nothing
 # U is made and used in slices of output channels of at most this size: whole, the 2560->1280
