@@ -108,6 +108,27 @@ def test_convs_transformed_in_strips_still_match_pytorch(component, plain_conv_d
     _assert_restores_exactly(path, plain_conv_dir / component / "model.onnx")
 
 
+@pytest.mark.parametrize("height", [6, 20])  # 2 tile rows (< 3 strips: the direct sum), 5 rows
+def test_strips_in_a_graph_with_static_shapes(height):
+    # Hosts may fix a graph's input shapes; onnxruntime then infers shapes through every strip,
+    # even ones with no tile rows that never run. The reference: onnxruntime's own Conv.
+    rng = np.random.default_rng(5)
+    weight = onnx.numpy_helper.from_array(rng.standard_normal((24, 16, 3, 3)).astype(np.float32), "weight")
+    conv = onnx.helper.make_node("Conv", ["x", "weight"], ["y"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    graph = onnx.helper.make_graph(
+        [conv], "one_conv", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 16, height, 40])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [weight])
+    plain = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(plain)
+    convs = [dataclasses.replace(c, strips=3) for c in winograd.eligible_convs(rewritten, None)]
+    assert winograd.rewrite_convs(rewritten, convs, min_tiles=1) == ["conv"]
+    x = rng.standard_normal((2, 16, height, 40)).astype(np.float32)
+    want, got = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+                 for m in (plain, rewritten))
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE * np.abs(want).max())
+
+
 def test_strips_follow_the_transformed_size_at_the_native_size():
     # 4 bytes x 36 positions per tile and channel; strips are whole tile rows, at most one each.
     whole = winograd.MAX_STRIP_BYTES // (4 * 36)

@@ -240,7 +240,8 @@ class _Builder:
             shape = n("Mul", [one, ints(9, size * in_channels)], f"taps_shape{start}")
             live_taps.append(n("Reshape", [stored, shape], f"live_taps{start}"))  # [9, size*C]
         branches = {
-            "then_branch": self._winograd_branch(p, x, hw, tiles, out_channels, in_channels, live_taps, conv.strips),
+            "then_branch": self._winograd_branch(p, x, hw, (tiles, tile_rows, tile_cols), out_channels, in_channels,
+                                                 live_taps, conv.strips),
             "else_branch": self._direct_branch(p, x, hw, one, out_channels, in_channels, live_taps),
         }
         chosen = n("If", [use_winograd], "chosen", **branches)
@@ -251,9 +252,11 @@ class _Builder:
             nodes.append(helper.make_node("Identity", [chosen], [y], name=p + "output"))
         return nodes
 
-    def _winograd_branch(self, p: str, x: str, hw: str, tiles: str, out_channels: int, in_channels: int,
-                         live_taps: list[str], strips: int) -> onnx.GraphProto:
+    def _winograd_branch(self, p: str, x: str, hw: str, tile_grid: tuple[str, str, str], out_channels: int,
+                         in_channels: int, live_taps: list[str], strips: int) -> onnx.GraphProto:
+        """`tile_grid`: the outer graph's tile counts, [rows, cols] and each alone."""
         ints = self.ints
+        tiles, tile_rows, tile_cols = tile_grid
         nodes: list[onnx.NodeProto] = []
         n = _node_maker(nodes, p)
         # Tiles cover the input padded by 1 (the conv's own padding) and up to a multiple of 4.
@@ -267,7 +270,6 @@ class _Builder:
             out = products.tiles(padded, tiles, "")
         else:
             # Strip i: tile rows [i*R/S, (i+1)*R/S) of R, reading the padded rows they cover (+2).
-            tile_rows, tile_cols = (f"{p}tile_rows", f"{p}tile_cols")  # the outer graph's
             bounds = [n("Div", [n("Mul", [tile_rows, ints(i)], f"rows_x{i}"), ints(strips)], f"row{i}")
                       for i in range(1, strips)]
             bounds = [ints(0)] + bounds + [tile_rows]
@@ -318,7 +320,8 @@ class _Builder:
 class _Products:
     """The Winograd products of one conv over a padded input (or a strip of it), sharing U."""
 
-    def __init__(self, builder: _Builder, n, batch: str, out_channels: int, in_channels: int, live_taps: list[str]):
+    def __init__(self, builder: _Builder, n, batch: str, out_channels: int, in_channels: int,
+                 live_taps: list[str]):
         self.builder, self.n, self.batch = builder, n, batch
         self.out_channels, self.in_channels = out_channels, in_channels
         self.live_taps = live_taps
@@ -342,8 +345,11 @@ class _Products:
         # Input transform: 36 planes per channel, one value per tile -> [N, 36, C, tiles].
         v = n("Conv", [planes, c("winograd/input_kernels", input_kernels())], f"v{suffix}",
               kernel_shape=[TILE + 2, TILE + 2], strides=[TILE, TILE])
+        # The batch is given, not -1: where a graph's shapes are static, onnxruntime infers shapes
+        # through strips that never run (fewer tile rows than strips), and -1 next to a 0 fails.
         v_shape = n("Concat", [self.batch, ints(channels, POSITIONS), count], f"v_shape{suffix}", axis=0)
-        v = n("Transpose", [n("Reshape", [v, v_shape], f"v_tiles{suffix}")], f"v_by_position{suffix}", perm=[0, 2, 1, 3])
+        v = n("Transpose", [n("Reshape", [v, v_shape], f"v_tiles{suffix}")], f"v_by_position{suffix}",
+              perm=[0, 2, 1, 3])
 
         # Products, one slice of output channels at a time.
         parts = [n("MatMul", [self._u(start, size, taps), v], f"m{start}{suffix}")  # [N, 36, size, tiles]
