@@ -3,7 +3,7 @@
 onnxruntime's dynamic quantization: MatMul weights to int8, Conv weights to uint8 (the Winograd
 convs of the export stay fp32 unless asked), activations quantized per run. Measured on an SD
 1.5-sized UNet at 512 px, 2 AVX2 cores (benchmarks/RESULTS.md): a step in 0.56x the time of
-fp32 PyTorch's, text-to-image at 0.37x its peak memory. It changes the images: the error against
+fp32 PyTorch's, text-to-image at 0.36x its peak memory. It changes the images: the error against
 the fp32 folder is measured here (UNet output) and by benchmarks/bench_sd.py (whole images), and
 printed.
 Only the UNet is quantized: it holds 86% of the weights and nearly all of the time.
