@@ -42,8 +42,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def stat_identity(stat: os.stat_result) -> str:
+    """A file's version without reading it: size, mtime, ctime and inode (a rewrite, copy, `touch`
+    or rename changes it). Also the session cache's key for large files (sessions.py)."""
+    return f"{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
+
+
 def _key(path: Path, stat: os.stat_result) -> str:
-    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
+    return f"{path}|{stat_identity(stat)}"
 
 
 def _read_cache() -> dict[str, str]:

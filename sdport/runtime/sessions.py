@@ -288,15 +288,13 @@ def _graph_locations(buf, start: int, end: int, out: list[str]) -> None:
 
 def external_data_locations(path: Path) -> list[str]:
     """The `location` of every external-data tensor of an ONNX file, as written in it."""
-    stat = os.stat(path)
     # Memoized per version of the file: loading a model asks for each graph's locations two or
     # three times (checks, cache key, weights' pages), 0.05 s of Python each on SD 1.5's graphs.
-    version = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-    return list(_external_data_locations(str(path), version))
+    return list(_external_data_locations(str(path), checksums.stat_identity(os.stat(path))))
 
 
 @functools.lru_cache(maxsize=32)
-def _external_data_locations(path: str, _version: tuple[int, ...]) -> tuple[str, ...]:
+def _external_data_locations(path: str, _version: str) -> tuple[str, ...]:
     out: list[str] = []
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
@@ -481,7 +479,7 @@ def _file_identity(path: Path) -> str:
     stat = path.stat()
     if stat.st_size < checksums.CACHE_MIN_BYTES:
         return checksums.file_sha256(path)
-    return f"{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
+    return checksums.stat_identity(stat)
 
 
 def graph_cache_key(path: Path, fused: bool) -> str:
