@@ -12,7 +12,8 @@ every measurement runs in a fresh process; ratios are sdport / diffusers from th
                   out per step), and the same graph captured once as a CUDA graph
   unet parity     max |sdport - diffusers| of that step's output, relative to max |diffusers|
   text-to-image   --steps steps (each side's default scheduler, PNDM for SD 1.5) at --image-size:
-                  cold = process start to PNG written, warm = a second image in the same process
+                  cold = process start to PNG written, warm = a second image in the same process;
+                  sdport twice: all sessions held, and one at a time (low_memory)
   GPU memory      peak device memory in use while the process ran, minus what was in use before
                   (NVML, sampled every 5 ms; the CUDA context is counted on both sides)
 """
@@ -168,10 +169,10 @@ def worker_t2i_diffusers(**kwargs) -> dict:
     return result
 
 
-def worker_t2i_sdport(**kwargs) -> dict:
+def worker_t2i_sdport(low_memory: bool = False, **kwargs) -> dict:
     result: dict = {}
     with gpu_memory_peak(result):
-        result.update(bench_sd.worker_t2i_sdport(provider=PROVIDER, low_memory=False, **kwargs))
+        result.update(bench_sd.worker_t2i_sdport(provider=PROVIDER, low_memory=low_memory, **kwargs))
     return result
 
 
@@ -233,10 +234,11 @@ def bench(args) -> dict:
                 want, got = np.load(work / f"t{size}.npy"), np.load(npy)
                 row[name]["max_rel_error_vs_torch"] = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
         say(f"unet {size}: " + ", ".join(f"{k} {v.get('median_s', float('nan')) * 1000:.1f} ms" for k, v in row.items()))
-    for name in ("diffusers", "sdport"):
+    for name, worker, options in (("diffusers", "t2i_diffusers", {"model": str(args.model)}),
+                                  ("sdport", "t2i_sdport", {"folder": str(args.onnx)}),
+                                  ("sdport_low_memory", "t2i_sdport", {"folder": str(args.onnx), "low_memory": True})):
         png = str(work / f"{name}.png")
-        r = result["t2i"][name] = spawn(f"t2i_{name}", size=args.image_size, steps=args.steps, png=png, warm=True,
-                                        **({"model": str(args.model)} if name == "diffusers" else {"folder": str(args.onnx)}))
+        r = result["t2i"][name] = spawn(worker, size=args.image_size, steps=args.steps, png=png, warm=True, **options)
         if "png_at" in r:
             r["cold_s"] = r["png_at"] - r["started_at"]
         say(f"t2i {name}: cold {r.get('cold_s', float('nan')):.2f} s, warm {r.get('warm_s') or float('nan'):.2f} s")
@@ -255,9 +257,10 @@ def ratios(r: dict) -> dict:
         for name in VARIANTS:
             ratio(f"unet_{size}_{name}_time", row.get(name, {}).get("median_s"), row["torch"].get("median_s"))
             ratio(f"unet_{size}_{name}_gpu_mem", row.get(name, {}).get("gpu_peak_mb"), row["torch"].get("gpu_peak_mb"))
-    d, s = r["t2i"].get("diffusers", {}), r["t2i"].get("sdport", {})
+    d, s, low = (r["t2i"].get(name, {}) for name in ("diffusers", "sdport", "sdport_low_memory"))
     for key in ("cold_s", "warm_s", "gpu_peak_mb", "peak_rss_mb"):
         ratio(f"t2i_{key}", s.get(key), d.get(key))
+        ratio(f"t2i_low_memory_{key}", low.get(key), d.get(key))
     return out
 
 
@@ -287,13 +290,16 @@ def table(r: dict) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         cells = [""] + [c for name in VARIANTS for c in (num(row.get(name, {}).get("max_rel_error_vs_torch"), ".1e"), "")]
         lines.append(f"| UNet output vs diffusers, {size}px (max rel. error) | " + " | ".join(cells) + " |")
-    d, s = r["t2i"].get("diffusers", {}), r["t2i"].get("sdport", {})
+    d = r["t2i"].get("diffusers", {})
     blank = " |" * (2 * len(variants))
-    for label, key, fmt in (("text-to-image cold, process start to PNG (s)", "cold_s", ".2f"),
-                            ("text-to-image warm (s)", "warm_s", ".2f"),
-                            ("text-to-image GPU memory (MB)", "gpu_peak_mb", ".0f"),
-                            ("text-to-image host peak RSS (MB)", "peak_rss_mb", ".0f")):
-        lines.append(f"| {label} | {num(d.get(key), fmt)} | {num(s.get(key), fmt)} | {ratio(s.get(key), d.get(key))} |{blank}")
+    for name, mode in (("sdport", ""), ("sdport_low_memory", ", sdport one session at a time")):
+        s = r["t2i"].get(name, {})
+        for label, key, fmt in (("text-to-image cold, process start to PNG (s)", "cold_s", ".2f"),
+                                ("text-to-image warm (s)", "warm_s", ".2f"),
+                                ("text-to-image GPU memory (MB)", "gpu_peak_mb", ".0f"),
+                                ("text-to-image host peak RSS (MB)", "peak_rss_mb", ".0f")):
+            lines.append(f"| {label}{mode} | {num(d.get(key), fmt)} | {num(s.get(key), fmt)} | "
+                         f"{ratio(s.get(key), d.get(key))} |{blank}")
     return "\n".join(lines)
 
 

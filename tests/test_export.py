@@ -144,6 +144,34 @@ def test_fp16_export_keeps_vae_fp32(tiny_diffusers_dir: Path, tmp_path: Path, mo
     assert manifest.graphs["unet"].parity["fp16"]["max_rel_error"] < export_folder.FP16_TOLERANCE
 
 
+def test_fp16_vae_export_matches_the_fp32_vae(tiny_diffusers_dir: Path, tiny_onnx_dir: Path, tmp_path: Path):
+    """--fp16-vae: both VAE graphs in fp16 with fp32 I/O, within the fp16 tolerance of the fp32 export's
+    VAE graphs (same weights) on the same inputs, and the pipeline decodes with them."""
+    from sdport.runtime import Pipeline
+
+    out = export_model(tiny_diffusers_dir, tmp_path / "fp16vae", fp16=True, fp16_vae=True, report=None)
+    manifest = read_manifest(out)
+    assert {name: spec.precision for name, spec in manifest.graphs.items()} == dict.fromkeys(COMPONENTS, "fp16")
+    rng = np.random.default_rng(3)
+    feeds = {"vae_decoder": {"latent_sample": rng.standard_normal((2, 4, 8, 10)).astype(np.float32)},
+             "vae_encoder": {"sample": rng.uniform(-1, 1, (2, 3, 64, 80)).astype(np.float32)}}
+    for name, inputs in feeds.items():
+        assert manifest.graphs[name].parity["fp16"]["max_rel_error"] < export_folder.FP16_TOLERANCE
+        model = onnx.load(str(out / name / "model.onnx"))
+        assert {t.data_type for t in model.graph.initializer if len(t.dims) > 1} == {onnx.TensorProto.FLOAT16}
+        assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp32 I/O
+        half = ort.InferenceSession(str(out / name / "model.onnx"), providers=["CPUExecutionProvider"])
+        full = ort.InferenceSession(str(tiny_onnx_dir / name / "model.onnx"), providers=["CPUExecutionProvider"])
+        got, want = half.run(None, inputs)[0], full.run(None, inputs)[0]
+        assert got.dtype == np.float32
+        assert np.abs(got - want).max() / np.abs(want).max() < export_folder.FP16_TOLERANCE
+    pixels = Pipeline.load(out, provider="cpu").generate("a red fox", steps=2, output="np", progress=False)
+    reference = Pipeline.load(tiny_onnx_dir, provider="cpu").generate("a red fox", steps=2, output="np", progress=False)
+    assert np.abs(pixels - reference).max() < 0.02  # fp16 text encoder, UNet and VAE against fp32
+    assert main(["export", str(tiny_diffusers_dir), str(tmp_path / "x"), "-q", "--fp16-vae"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
 def test_single_file_source_gives_the_same_graphs(tiny_diffusers_dir, tiny_onnx_dir, reference, tmp_path):
     from sdport.export.ldm_layout import write_single_file
 

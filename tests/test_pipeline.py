@@ -8,6 +8,7 @@ are printed with `pytest -s`; about 1e-6 on this model).
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from PIL import Image  # noqa: E402
 
+from sdport.models.manifest import ManifestError  # noqa: E402
 from sdport.runtime import Pipeline  # noqa: E402
 
 ATOL = 1e-3  # on pixels in [0, 1]
@@ -212,6 +214,33 @@ def test_working_memory_is_released_after_the_last_run_of_each_graph(pipe, monke
     assert len(unet) == totals[0] == len(totals)
     assert unet == [False] * (len(unet) - 1) + [True]
     assert ("text_encoder", True) in calls
+
+
+def test_vae_encoder_session_is_made_at_the_first_image_to_image_call(tiny_onnx_dir, tmp_path):
+    """Text-to-image never opens the VAE encoder (on a GPU its session holds weights and a workspace);
+    image-to-image opens it once and keeps it, except with low_memory; its I/O is still checked at load."""
+    source = Image.new("RGB", (64, 64), (120, 80, 40))
+    pipe = Pipeline.load(tiny_onnx_dir, provider="cpu")
+    assert set(pipe._graphs) == {"text_encoder", "unet", "vae_decoder"}
+    pipe.generate(PROMPT, steps=2, progress=False)
+    assert "vae_encoder" not in pipe._graphs
+    first = pipe.generate(PROMPT, steps=2, image=source, strength=0.5, output="np", progress=False)
+    encoder = pipe._graphs["vae_encoder"]
+    again = pipe.generate(PROMPT, steps=2, image=source, strength=0.5, output="np", progress=False)
+    assert pipe._graphs["vae_encoder"] is encoder
+    np.testing.assert_array_equal(first, again)
+    low = Pipeline.load(tiny_onnx_dir, provider="cpu", low_memory=True)
+    np.testing.assert_array_equal(low.generate(PROMPT, steps=2, image=source, strength=0.5, output="np",
+                                               progress=False), first)
+    assert low._graphs == {}
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_onnx_dir, folder)
+    data = json.loads((folder / "sdport.json").read_text())
+    data["graphs"]["vae_encoder"]["outputs"][0]["shape"][1] = 6  # the graph has 2 x 4 latent channels
+    (folder / "sdport.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="vae_encoder: output 'latent_parameters'"):
+        Pipeline.load(folder, provider="cpu")
 
 
 def test_default_size_and_scheduler_come_from_the_folder(pipe):

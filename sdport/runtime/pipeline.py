@@ -233,6 +233,10 @@ class Pipeline:
     Make one with `Pipeline.load(folder)`; `generate(...)` is safe to call repeatedly.
     """
 
+    # Opened at the first image-to-image call, not at load: text-to-image never runs it, and on a
+    # GPU its session would hold its weights (fp32 in every export) and a workspace for nothing.
+    ON_DEMAND = frozenset({"vae_encoder"})
+
     def __init__(
         self, folder: Path, manifest: Manifest, provider: str, low_memory: bool, say: Say | None,
         verify: bool = True,
@@ -260,7 +264,7 @@ class Pipeline:
             path = check_graph_files(folder, manifest.graphs[name].file)
             if verify:
                 verify_sha256(folder, name, manifest.graphs[name].sha256)
-            if low_memory:
+            if low_memory or name in self.ON_DEMAND:
                 # Sessions are made when needed; check what the manifest says now, the graph then.
                 spec = manifest.graphs[name]
                 if spec.inputs or spec.outputs:
@@ -316,7 +320,8 @@ class Pipeline:
 
     @contextlib.contextmanager
     def _graph(self, name: str) -> Iterator[Graph]:
-        """The session of `name`: the loaded one, or (low_memory) a fresh one freed afterwards."""
+        """The session of `name`: the loaded one, or (low_memory) a fresh one freed afterwards; an
+        ON_DEMAND one is opened at its first use and then kept."""
         if name in self._graphs:
             yield self._graphs[name]
             return
@@ -325,6 +330,10 @@ class Pipeline:
                 f"{self.folder}: no {name} graph; image-to-image needs the VAE encoder: re-export the model"
             )
         graph = self._open(name, check_graph_files(self.folder, self.manifest.graphs[name].file))
+        if not self.low_memory:
+            self._graphs[name] = graph
+            yield graph
+            return
         try:
             yield graph
         finally:
@@ -485,7 +494,7 @@ class Pipeline:
         with self._graph("vae_encoder") as graph:
             parameters = graph.run({"sample": pixels}, last=True)["latent_parameters"]  # [1, 2C, h, w]
         if not np.isfinite(parameters).all():
-            raise SdportError("vae_encoder: output has NaN or inf for this image")
+            raise SdportError(f"vae_encoder: output has NaN or inf for this image; {self._vae_hint('vae_encoder')}")
         if parameters.shape[2:] != shape[2:]:
             raise SdportError(f"vae_encoder: output {parameters.shape}, expected latents {shape[2:]} per image")
         mean, logvar = np.split(parameters.astype(np.float32), 2, axis=1)
@@ -557,6 +566,11 @@ class Pipeline:
         size = port.shape[0] if isinstance(port.shape[0], int) else 1
         return np.full((size,), value, dtype=port.dtype)
 
+    def _vae_hint(self, name: str) -> str:
+        if self.manifest.graphs[name].precision == "fp16":
+            return "this folder's VAE is fp16 (exported with --fp16-vae) and overflowed: re-export without --fp16-vae"
+        return "its input was finite, so its weights may hold NaN or inf: re-export from a sound checkpoint"
+
     def _decode(self, x: np.ndarray) -> np.ndarray:
         """latents / scaling factor through the VAE decoder -> pixels [B, 3, H, W] in about [-1, 1]."""
         latents = x / np.float32(self.manifest.vae_scaling_factor)
@@ -569,8 +583,5 @@ class Pipeline:
             ])
         bad = [i for i in range(len(pixels)) if not np.isfinite(pixels[i]).all()]
         if bad:
-            raise SdportError(
-                f"vae_decoder: image(s) {bad} have NaN or inf pixels; an fp16 VAE decoder overflows "
-                f"(sdport keeps it fp32: re-export without converting the VAE)"
-            )
+            raise SdportError(f"vae_decoder: image(s) {bad} have NaN or inf pixels; {self._vae_hint('vae_decoder')}")
         return pixels
