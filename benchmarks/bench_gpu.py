@@ -1,7 +1,8 @@
 """The GPU table: sdport on onnxruntime's CUDA provider vs diffusers fp16 on the same GPU and weights.
 
     python benchmarks/bench_gpu.py --model <diffusers folder> --onnx <sdport --fp16 export>
-                                   [--sizes 256,512] [--steps 20] [--runs 10] [--out gpu.json]
+                                   [--fp16-vae <export with --fp16 --fp16-vae>] [--sizes 256,512] [--steps 20]
+                                   [--runs 10] [--out gpu.json]
 
 Needs onnxruntime-gpu in place of onnxruntime (README, "On a GPU"), torch with CUDA and diffusers. As bench_sd.py,
 every measurement runs in a fresh process; ratios are sdport / diffusers from this same run.
@@ -13,7 +14,8 @@ every measurement runs in a fresh process; ratios are sdport / diffusers from th
   unet parity     max |sdport - diffusers| of that step's output, relative to max |diffusers|
   text-to-image   --steps steps (each side's default scheduler, PNDM for SD 1.5) at --image-size:
                   cold = process start to PNG written, warm = a second image in the same process;
-                  sdport twice: all sessions held, and one at a time (low_memory)
+                  sdport twice: all sessions held, and one at a time (low_memory); with
+                  --fp16-vae FOLDER a third time, on that export
   GPU memory      peak device memory in use while the process ran, minus what was in use before
                   (NVML, sampled every 5 ms; the CUDA context is counted on both sides)
 """
@@ -213,7 +215,8 @@ def bench(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="sdport-bench-gpu-"))
     result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
-              "folders": {"diffusers": str(args.model), "fp16": str(args.onnx)},
+              "folders": {"diffusers": str(args.model), "fp16": str(args.onnx),
+                          "fp16_vae": str(args.fp16_vae) if args.fp16_vae else None},
               "steps": args.steps, "image_size": args.image_size, "runs": args.runs, "unet": {}, "t2i": {}}
 
     def say(message: str) -> None:
@@ -234,9 +237,12 @@ def bench(args) -> dict:
                 want, got = np.load(work / f"t{size}.npy"), np.load(npy)
                 row[name]["max_rel_error_vs_torch"] = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
         say(f"unet {size}: " + ", ".join(f"{k} {v.get('median_s', float('nan')) * 1000:.1f} ms" for k, v in row.items()))
-    for name, worker, options in (("diffusers", "t2i_diffusers", {"model": str(args.model)}),
-                                  ("sdport", "t2i_sdport", {"folder": str(args.onnx)}),
-                                  ("sdport_low_memory", "t2i_sdport", {"folder": str(args.onnx), "low_memory": True})):
+    runs = [("diffusers", "t2i_diffusers", {"model": str(args.model)}),
+            ("sdport", "t2i_sdport", {"folder": str(args.onnx)}),
+            ("sdport_low_memory", "t2i_sdport", {"folder": str(args.onnx), "low_memory": True})]
+    if args.fp16_vae:
+        runs.append(("sdport_fp16_vae", "t2i_sdport", {"folder": str(args.fp16_vae)}))
+    for name, worker, options in runs:
         png = str(work / f"{name}.png")
         r = result["t2i"][name] = spawn(worker, size=args.image_size, steps=args.steps, png=png, warm=True, **options)
         if "png_at" in r:
@@ -257,10 +263,10 @@ def ratios(r: dict) -> dict:
         for name in VARIANTS:
             ratio(f"unet_{size}_{name}_time", row.get(name, {}).get("median_s"), row["torch"].get("median_s"))
             ratio(f"unet_{size}_{name}_gpu_mem", row.get(name, {}).get("gpu_peak_mb"), row["torch"].get("gpu_peak_mb"))
-    d, s, low = (r["t2i"].get(name, {}) for name in ("diffusers", "sdport", "sdport_low_memory"))
-    for key in ("cold_s", "warm_s", "gpu_peak_mb", "peak_rss_mb"):
-        ratio(f"t2i_{key}", s.get(key), d.get(key))
-        ratio(f"t2i_low_memory_{key}", low.get(key), d.get(key))
+    d = r["t2i"].get("diffusers", {})
+    for name, prefix in (("sdport", "t2i"), ("sdport_low_memory", "t2i_low_memory"), ("sdport_fp16_vae", "t2i_fp16_vae")):
+        for key in ("cold_s", "warm_s", "gpu_peak_mb", "peak_rss_mb"):
+            ratio(f"{prefix}_{key}", r["t2i"].get(name, {}).get(key), d.get(key))
     return out
 
 
@@ -292,8 +298,11 @@ def table(r: dict) -> str:
         lines.append(f"| UNet output vs diffusers, {size}px (max rel. error) | " + " | ".join(cells) + " |")
     d = r["t2i"].get("diffusers", {})
     blank = " |" * (2 * len(variants))
-    for name, mode in (("sdport", ""), ("sdport_low_memory", ", sdport one session at a time")):
-        s = r["t2i"].get(name, {})
+    for name, mode in (("sdport", ""), ("sdport_low_memory", ", sdport one session at a time"),
+                       ("sdport_fp16_vae", ", sdport --fp16-vae export")):
+        if name not in r["t2i"]:
+            continue
+        s = r["t2i"][name]
         for label, key, fmt in (("text-to-image cold, process start to PNG (s)", "cold_s", ".2f"),
                                 ("text-to-image warm (s)", "warm_s", ".2f"),
                                 ("text-to-image GPU memory (MB)", "gpu_peak_mb", ".0f"),
@@ -307,6 +316,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="diffusers folder (e.g. benchmarks/sd15_model.py's)")
     parser.add_argument("--onnx", type=Path, help="an sdport export of it with --fp16")
+    parser.add_argument("--fp16-vae", type=Path, default=None,
+                        help="optional: an export with --fp16 --fp16-vae, for one more text-to-image row")
     parser.add_argument("--sizes", default="256,512", help="UNet step sizes in pixels, comma-separated")
     parser.add_argument("--steps", type=int, default=20, help="text-to-image steps")
     parser.add_argument("--image-size", type=int, default=512, help="text-to-image size")
