@@ -264,7 +264,8 @@ def ratios(r: dict) -> dict:
             ratio(f"unet_{size}_{name}_time", row.get(name, {}).get("median_s"), row["torch"].get("median_s"))
             ratio(f"unet_{size}_{name}_gpu_mem", row.get(name, {}).get("gpu_peak_mb"), row["torch"].get("gpu_peak_mb"))
     d = r["t2i"].get("diffusers", {})
-    for name, prefix in (("sdport", "t2i"), ("sdport_low_memory", "t2i_low_memory"), ("sdport_fp16_vae", "t2i_fp16_vae")):
+    for name, prefix in (("sdport", "t2i"), ("sdport_low_memory", "t2i_low_memory"),
+                         ("sdport_fp16_vae", "t2i_fp16_vae")):
         for key in ("cold_s", "warm_s", "gpu_peak_mb", "peak_rss_mb"):
             ratio(f"{prefix}_{key}", r["t2i"].get(name, {}).get(key), d.get(key))
     return out

@@ -380,8 +380,8 @@ class Graph:
         self.name = name
         self.path = path
         self.provider = provider
-        providers: list = [(PROVIDERS[provider], cuda_provider_options()) if provider == "cuda" else PROVIDERS[provider]]
-        providers += ["CPUExecutionProvider"] if provider != "cpu" else []
+        chosen = (PROVIDERS[provider], cuda_provider_options()) if provider == "cuda" else PROVIDERS[provider]
+        providers = [chosen] + (["CPUExecutionProvider"] if provider != "cpu" else [])
         printed = io.StringIO()  # onnxruntime print()s its provider fallbacks to stdout
         try:
             with contextlib.redirect_stdout(printed):
@@ -447,7 +447,7 @@ class Graph:
         else:
             results = self.session.run(None, cast, self._release_options if last else None)
         # Only the CPU provider reads weights in place from their mapped files; a GPU provider
-        # copies them to the device at session creation, and the smaps walk alone costs ~35 ms.
+        # copies them to the device at session creation, and the smaps walk alone costs ~20 ms.
         if last and self.provider == "cpu":
             release_mapped_pages(self.weight_files)
         return {
