@@ -247,6 +247,7 @@ def bench(args) -> dict:
         r = result["t2i"][name] = spawn(worker, size=args.image_size, steps=args.steps, png=png, warm=True, **options)
         if "png_at" in r:
             r["cold_s"] = r["png_at"] - r["started_at"]
+            r["ready_s"] = r["ready_at"] - r["started_at"]  # interpreter, imports and loading
         say(f"t2i {name}: cold {r.get('cold_s', float('nan')):.2f} s, warm {r.get('warm_s') or float('nan'):.2f} s")
     result["ratios"] = ratios(result)
     return result
@@ -266,7 +267,7 @@ def ratios(r: dict) -> dict:
     d = r["t2i"].get("diffusers", {})
     for name, prefix in (("sdport", "t2i"), ("sdport_low_memory", "t2i_low_memory"),
                          ("sdport_fp16_vae", "t2i_fp16_vae")):
-        for key in ("cold_s", "warm_s", "gpu_peak_mb", "peak_rss_mb"):
+        for key in ("cold_s", "ready_s", "warm_s", "gpu_peak_mb", "peak_rss_mb"):
             ratio(f"{prefix}_{key}", r["t2i"].get(name, {}).get(key), d.get(key))
     return out
 
@@ -305,6 +306,7 @@ def table(r: dict) -> str:
             continue
         s = r["t2i"][name]
         for label, key, fmt in (("text-to-image cold, process start to PNG (s)", "cold_s", ".2f"),
+                                ("process start to pipeline loaded (s)", "ready_s", ".2f"),
                                 ("text-to-image warm (s)", "warm_s", ".2f"),
                                 ("text-to-image GPU memory (MB)", "gpu_peak_mb", ".0f"),
                                 ("text-to-image host peak RSS (MB)", "peak_rss_mb", ".0f")):
