@@ -396,7 +396,10 @@ class Graph:
             print(" ".join(printed.getvalue().replace("*", "").split()), file=sys.stderr)
         self.inputs = _ports(self.session.get_inputs())
         self.outputs = _ports(self.session.get_outputs())
-        self.weight_files = weight_files(loaded)
+        # The mapped weight files whose pages a last run releases: only the CPU provider reads
+        # weights in place from them; a GPU provider copies them to the device at session
+        # creation, where the smaps walk would cost ~20 ms for nothing.
+        self.weight_files = weight_files(loaded) if provider == "cpu" else frozenset()
         self._device: dict[str, ort.OrtValue] = {}
         self._release_options = None
         # After a run with these options the arena hands its free memory back (to the OS, or to
@@ -446,9 +449,7 @@ class Graph:
             results = binding.copy_outputs_to_cpu()
         else:
             results = self.session.run(None, cast, self._release_options if last else None)
-        # Only the CPU provider reads weights in place from their mapped files; a GPU provider
-        # copies them to the device at session creation, and the smaps walk alone costs ~20 ms.
-        if last and self.provider == "cpu":
+        if last:
             release_mapped_pages(self.weight_files)
         return {
             port.name: np.asarray(r, dtype=np.float32) if r.dtype == np.float16 else r
