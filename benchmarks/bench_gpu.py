@@ -14,8 +14,12 @@ every measurement runs in a fresh process; ratios are sdport / diffusers from th
   unet parity     max |sdport - diffusers| of that step's output, relative to max |diffusers|
   text-to-image   --steps steps (each side's default scheduler, PNDM for SD 1.5) at --image-size:
                   cold = process start to PNG written, warm = a second image in the same process;
-                  sdport twice: all sessions held, and one at a time (low_memory); with
-                  --fp16-vae FOLDER a third time, on that export
+                  sdport as its pipeline runs by default (all sessions held), with the UNet as
+                  captured CUDA graphs (Pipeline.load(cuda_graphs=True)), and one session at a
+                  time (low_memory); with --fp16-vae FOLDER once more, on that export
+  share of a step the host time of a denoising step outside onnxruntime's run (scheduler, Python,
+                  latents copied in and out), as bench_sd.py's overhead; not for low_memory,
+                  whose denoising loop includes making the UNet's session
   GPU memory      peak device memory in use while the process ran, minus what was in use before
                   (NVML, sampled every 5 ms; the CUDA context is counted on both sides)
 """
@@ -164,6 +168,10 @@ def worker_unet_sdport(folder: str, size: int, runs: int, npy: str, cuda_options
     return result
 
 
+def worker_load_sdport(folder: str) -> dict:
+    return bench_sd.worker_load_sdport(folder, provider=PROVIDER)
+
+
 def worker_t2i_diffusers(**kwargs) -> dict:
     result: dict = {}
     with gpu_memory_peak(result):
@@ -171,10 +179,11 @@ def worker_t2i_diffusers(**kwargs) -> dict:
     return result
 
 
-def worker_t2i_sdport(low_memory: bool = False, **kwargs) -> dict:
+def worker_t2i_sdport(low_memory: bool = False, cuda_graphs: bool = False, **kwargs) -> dict:
     result: dict = {}
     with gpu_memory_peak(result):
-        result.update(bench_sd.worker_t2i_sdport(provider=PROVIDER, low_memory=low_memory, **kwargs))
+        result.update(bench_sd.worker_t2i_sdport(provider=PROVIDER, low_memory=low_memory, cuda_graphs=cuda_graphs,
+                                                 **kwargs))
     return result
 
 
@@ -225,6 +234,11 @@ def bench(args) -> dict:
 
     import numpy as np
 
+    # Sessions and cold runs start from the pre-optimized graphs, as every load after the first does.
+    result["first_load"] = {}
+    for folder in filter(None, (args.onnx, args.fp16_vae)):
+        result["first_load"][str(folder)] = spawn("load_sdport", folder=str(folder))
+        say(f"first load {folder}: {result['first_load'][str(folder)].get('load_s', float('nan')):.1f} s")
     for size in args.sizes:
         row = result["unet"][str(size)] = {}
         row["torch"] = spawn("unet_torch", model=str(args.model), folder=str(args.onnx), size=size, runs=args.runs,
@@ -239,6 +253,7 @@ def bench(args) -> dict:
         say(f"unet {size}: " + ", ".join(f"{k} {v.get('median_s', float('nan')) * 1000:.1f} ms" for k, v in row.items()))
     runs = [("diffusers", "t2i_diffusers", {"model": str(args.model)}),
             ("sdport", "t2i_sdport", {"folder": str(args.onnx)}),
+            ("sdport_cuda_graphs", "t2i_sdport", {"folder": str(args.onnx), "cuda_graphs": True}),
             ("sdport_low_memory", "t2i_sdport", {"folder": str(args.onnx), "low_memory": True})]
     if args.fp16_vae:
         runs.append(("sdport_fp16_vae", "t2i_sdport", {"folder": str(args.fp16_vae)}))
@@ -253,6 +268,12 @@ def bench(args) -> dict:
     return result
 
 
+# sdport's text-to-image runs: result key, ratio prefix, label suffix in the table.
+T2I_ROWS = (("sdport", "t2i", ""), ("sdport_cuda_graphs", "t2i_cuda_graphs", ", sdport with CUDA graphs"),
+            ("sdport_low_memory", "t2i_low_memory", ", sdport one session at a time"),
+            ("sdport_fp16_vae", "t2i_fp16_vae", ", sdport --fp16-vae export"))
+
+
 def ratios(r: dict) -> dict:
     out = {}
 
@@ -265,8 +286,7 @@ def ratios(r: dict) -> dict:
             ratio(f"unet_{size}_{name}_time", row.get(name, {}).get("median_s"), row["torch"].get("median_s"))
             ratio(f"unet_{size}_{name}_gpu_mem", row.get(name, {}).get("gpu_peak_mb"), row["torch"].get("gpu_peak_mb"))
     d = r["t2i"].get("diffusers", {})
-    for name, prefix in (("sdport", "t2i"), ("sdport_low_memory", "t2i_low_memory"),
-                         ("sdport_fp16_vae", "t2i_fp16_vae")):
+    for name, prefix, _ in T2I_ROWS:
         for key in ("cold_s", "ready_s", "warm_s", "gpu_peak_mb", "peak_rss_mb"):
             ratio(f"{prefix}_{key}", r["t2i"].get(name, {}).get(key), d.get(key))
     return out
@@ -300,8 +320,7 @@ def table(r: dict) -> str:
         lines.append(f"| UNet output vs diffusers, {size}px (max rel. error) | " + " | ".join(cells) + " |")
     d = r["t2i"].get("diffusers", {})
     blank = " |" * (2 * len(variants))
-    for name, mode in (("sdport", ""), ("sdport_low_memory", ", sdport one session at a time"),
-                       ("sdport_fp16_vae", ", sdport --fp16-vae export")):
+    for name, _, mode in T2I_ROWS:
         if name not in r["t2i"]:
             continue
         s = r["t2i"][name]
@@ -309,7 +328,10 @@ def table(r: dict) -> str:
                                 ("process start to pipeline loaded (s)", "ready_s", ".2f"),
                                 ("text-to-image warm (s)", "warm_s", ".2f"),
                                 ("text-to-image GPU memory (MB)", "gpu_peak_mb", ".0f"),
-                                ("text-to-image host peak RSS (MB)", "peak_rss_mb", ".0f")):
+                                ("text-to-image host peak RSS (MB)", "peak_rss_mb", ".0f"),
+                                ("scheduler + Python + copies, share of a step", "overhead_share", ".2%")):
+            if key == "overhead_share" and name == "sdport_low_memory":
+                continue  # its loop includes making the UNet's session
             lines.append(f"| {label}{mode} | {num(d.get(key), fmt)} | {num(s.get(key), fmt)} | "
                          f"{ratio(s.get(key), d.get(key))} |{blank}")
     return "\n".join(lines)

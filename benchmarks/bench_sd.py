@@ -144,7 +144,7 @@ def worker_t2i_diffusers(model: str, size: int, steps: int, png: str, warm: bool
 
 
 def worker_t2i_sdport(folder: str, size: int, steps: int, png: str, warm: bool, low_memory: bool,
-                      provider: str = "cpu") -> dict:
+                      provider: str = "cpu", cuda_graphs: bool = False) -> dict:
     import numpy as np
     import onnxruntime as ort
 
@@ -182,7 +182,7 @@ def worker_t2i_sdport(folder: str, size: int, steps: int, png: str, warm: bool, 
 
     Pipeline._denoise = timed_denoise
     t0 = time.perf_counter()
-    pipe = Pipeline.load(folder, provider=provider, low_memory=low_memory)
+    pipe = Pipeline.load(folder, provider=provider, low_memory=low_memory, cuda_graphs=cuda_graphs)
     load = time.perf_counter() - t0
     ready_at = time.time()
 
@@ -206,12 +206,12 @@ def worker_t2i_sdport(folder: str, size: int, steps: int, png: str, warm: bool, 
     return result
 
 
-def worker_load_sdport(folder: str) -> dict:
-    """Loads every session once (on CPU this builds the pre-optimized cache the first time)."""
+def worker_load_sdport(folder: str, provider: str = "cpu") -> dict:
+    """Loads every session once (this builds the pre-optimized cache the first time)."""
     from sdport.runtime.pipeline import Pipeline
 
     t0 = time.perf_counter()
-    Pipeline.load(folder, provider="cpu")
+    Pipeline.load(folder, provider=provider)
     return {"load_s": time.perf_counter() - t0}
 
 

@@ -7,3 +7,9 @@ class SdportError(Exception):
 
 class UsageError(SdportError, ValueError):
     """A request that cannot be served as given (bad size, unknown scheduler, ...)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (a library's may run to pages), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

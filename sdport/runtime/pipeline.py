@@ -237,14 +237,18 @@ class Pipeline:
     # GPU its session would hold its weights (fp32 in every export) and a workspace for nothing.
     ON_DEMAND = frozenset({"vae_encoder"})
 
+    # Run as captured CUDA graphs where enabled: the UNet, the one graph run many times per call.
+    CUDA_GRAPHS = frozenset({"unet"})
+
     def __init__(
         self, folder: Path, manifest: Manifest, provider: str, low_memory: bool, say: Say | None,
-        verify: bool = True,
+        verify: bool = True, cuda_graphs: bool = False,
     ) -> None:
         self.folder = folder
         self.manifest = manifest
         self.provider = provider
         self.low_memory = low_memory
+        self.cuda_graphs = cuda_graphs and provider == "cuda" and not low_memory
         self._say = say
         self.size_multiple = manifest.vae_scale * manifest.latent_multiple
         self.tokenizer = ClipTokenizer.load(_tokenizer_dir(folder, manifest.tokenizer_dir), manifest.max_tokens)
@@ -281,6 +285,7 @@ class Pipeline:
         *,
         say: Say | None = None,
         verify: bool = True,
+        cuda_graphs: bool = False,
     ) -> Pipeline:
         """Loads an exported model folder (sdport's, with sdport.json, or optimum's layout).
 
@@ -295,6 +300,11 @@ class Pipeline:
             say: receives one-line notes (which provider was picked, image conversions).
             verify: check the graph files against the sha256 digests in sdport.json (files that
                 verified before and are unchanged are not re-read; see sdport.runtime.checksums).
+            cuda_graphs: on CUDA (and without low_memory), run the UNet as captured CUDA graphs
+                (sdport.runtime.cuda_graphs), one per image size and batch. For a process that
+                generates many images: each step is faster (SD 1.5 at 512 px on an H100: a warm
+                20-step image in 0.39 s instead of 0.51), but the first call of each size pays
+                for the capture, and the UNet's working memory stays held between calls.
         Raises:
             UsageError for an unknown or missing provider; ManifestError for a folder that is
             missing, incomplete, or whose graphs do not have the inputs/outputs needed.
@@ -302,7 +312,7 @@ class Pipeline:
         folder = Path(model_dir)
         manifest = read_manifest(folder)
         chosen = resolve_provider(provider, say)
-        return cls(folder, manifest, chosen, low_memory, say, verify)
+        return cls(folder, manifest, chosen, low_memory, say, verify, cuda_graphs)
 
     # --- sessions ------------------------------------------------------------------------------
 
@@ -314,7 +324,7 @@ class Pipeline:
 
     def _open(self, name: str, path: Path) -> Graph:
         fused = self.manifest.graphs[name].optimization == "ort"
-        graph = Graph(name, path, self.provider, fused)
+        graph = Graph(name, path, self.provider, fused, cuda_graph=self.cuda_graphs and name in self.CUDA_GRAPHS)
         self._check(name, graph.inputs, graph.outputs)
         return graph
 

@@ -20,9 +20,10 @@ import numpy as np
 import onnxruntime as ort
 
 from sdport.cache import cache_root
-from sdport.errors import SdportError, UsageError
+from sdport.errors import SdportError, UsageError, first_line
 from sdport.models.manifest import ManifestError, inside
 from sdport.runtime import checksums
+from sdport.runtime.cuda_graphs import CapturedRuns
 
 ProviderName = Literal["auto", "cpu", "cuda", "dml"]
 
@@ -161,6 +162,9 @@ def cuda_provider_options() -> dict[str, str]:
     (Graph.run(last=True)): 5.1 GB, at the same speed (H100, 2026-11-26). cuDNN's workspace limit
     (cudnn_conv_use_max_workspace=0) and one arena shared by all sessions changed neither.
     """
+    # TF32 stays on (onnxruntime's default, and PyTorch's for convolutions): it runs the fp32 VAE of
+    # an --fp16 export on tensor cores, at fp32's range, where fp16 can overflow. It moves pixels
+    # by up to 7e-3 from the CPU's (tiny model, 4 steps, H100); with use_tf32=0, by 3.5e-6.
     return {"arena_extend_strategy": "kSameAsRequested"}
 
 
@@ -376,24 +380,27 @@ class Graph:
     is copied in per run. (The schedulers are NumPy, so the latents cross to the host each step.)
     """
 
-    def __init__(self, name: str, path: Path, provider: str, fused: bool) -> None:
+    def __init__(self, name: str, path: Path, provider: str, fused: bool, cuda_graph: bool = False) -> None:
         self.name = name
         self.path = path
         self.provider = provider
-        chosen = (PROVIDERS[provider], cuda_provider_options()) if provider == "cuda" else PROVIDERS[provider]
-        providers = [chosen] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-        printed = io.StringIO()  # onnxruntime print()s its provider fallbacks to stdout
-        try:
-            with contextlib.redirect_stdout(printed):
-                self.session, loaded = open_session(path, provider, fused, providers)
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SdportError(
-                f"{name}: onnxruntime could not load {path} ({reason}); if it uses operators this "
-                f"onnxruntime lacks, re-export with --portable or upgrade onnxruntime"
-            ) from exc
-        if printed.getvalue().strip():  # a fallback that worked: worth knowing, but not on stdout
-            print(" ".join(printed.getvalue().replace("*", "").split()), file=sys.stderr)
+        self._captured: CapturedRuns | None = None
+        if provider == "cuda" and cuda_graph:
+            try:
+                session, loaded = self._new_session(path, provider, fused, {"enable_cuda_graph": "1"})
+                self._captured = CapturedRuns(name, session)
+            except Exception as exc:  # noqa: BLE001 - e.g. nodes left on the CPU: open it without
+                print(f"{name}: no CUDA graphs for this graph ({first_line(exc)}); running without them",
+                      file=sys.stderr)
+        if self._captured is None:
+            try:
+                session, loaded = self._new_session(path, provider, fused)
+            except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+                raise SdportError(
+                    f"{name}: onnxruntime could not load {path} ({first_line(exc)}); if it uses operators "
+                    f"this onnxruntime lacks, re-export with --portable or upgrade onnxruntime"
+                ) from exc
+        self.session = session
         self.inputs = _ports(self.session.get_inputs())
         self.outputs = _ports(self.session.get_outputs())
         # The mapped weight files whose pages a last run releases: only the CPU provider reads
@@ -401,26 +408,56 @@ class Graph:
         # creation, where the smaps walk would cost ~20 ms for nothing.
         self.weight_files = weight_files(loaded) if provider == "cpu" else frozenset()
         self._device: dict[str, ort.OrtValue] = {}
+        self._kept: dict[str, np.ndarray] = {}  # with CUDA graphs: kept inputs, numbered by version
+        self._kept_versions: dict[str, int] = {}
         self._release_options = None
         # After a run with these options the arena hands its free memory back (to the OS, or to
         # the GPU): the UNet's activations (0.4 GB at 512 px on CPU) are otherwise held through
-        # the VAE decode. On CPU only fused graphs run with an arena (session_options).
+        # the VAE decode. On CPU only fused graphs run with an arena (session_options). Never
+        # with CUDA graphs: their replays use the arena's memory at the addresses of the capture.
         arena = {"cpu": "cpu:0" if fused else None, "cuda": "gpu:0"}.get(provider)
-        if arena:
+        if arena and self._captured is None:
             self._release_options = ort.RunOptions()
             self._release_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", arena)
+
+    @staticmethod
+    def _new_session(
+        path: Path, provider: str, fused: bool, extra: dict[str, str] | None = None,
+    ) -> tuple[ort.InferenceSession, Path]:
+        """open_session with sdport's provider list; `extra`: more CUDA provider options."""
+        chosen = PROVIDERS[provider]
+        if provider == "cuda":
+            chosen = (chosen, {**cuda_provider_options(), **(extra or {})})
+        providers = [chosen] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+        printed = io.StringIO()  # onnxruntime print()s its provider fallbacks to stdout
+        with contextlib.redirect_stdout(printed):
+            opened = open_session(path, provider, fused, providers)
+        if printed.getvalue().strip():  # a fallback that worked: worth knowing, but not on stdout
+            print(" ".join(printed.getvalue().replace("*", "").split()), file=sys.stderr)
+        return opened
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether this graph runs as captured CUDA graphs (cuda_graphs.py)."""
+        return self._captured is not None
 
     def input(self, name: str) -> Port:
         return next(p for p in self.inputs if p.name == name)
 
     def keep_on_device(self, name: str, value: np.ndarray) -> None:
         """Copies `value` to the GPU once for input `name` (CUDA only; otherwise a no-op)."""
-        if self.provider == "cuda":
-            array = np.array(value, dtype=self.input(name).dtype, order="C")
+        if self.provider != "cuda":
+            return
+        array = np.array(value, dtype=self.input(name).dtype, order="C")
+        if self._captured is not None:  # copied into each input shape's own buffer when it runs
+            self._kept[name] = array
+            self._kept_versions[name] = self._kept_versions.get(name, 0) + 1
+        else:
             self._device[name] = ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
 
     def release_device(self) -> None:
         self._device.clear()
+        self._kept.clear()
 
     def run(self, feeds: dict[str, np.ndarray], last: bool = False) -> dict[str, np.ndarray]:
         """Runs the graph: inputs cast to the declared dtypes, outputs by name (fp16 ones as float32).
@@ -434,10 +471,15 @@ class Graph:
         for port in self.inputs:
             if port.name in self._device:
                 continue
+            if port.name in self._kept:
+                cast[port.name] = self._kept[port.name]
+                continue
             value = np.asarray(feeds[port.name], dtype=port.dtype)
             # Not np.ascontiguousarray: it turns a 0-d array (a scalar timestep) into shape (1,).
             cast[port.name] = value if value.flags.c_contiguous else value.copy()
-        if self._device:
+        if self._captured is not None:
+            results = self._captured.run(cast, {name: self._kept_versions[name] for name in self._kept})
+        elif self._device:
             binding = self.session.io_binding()
             for name, value in cast.items():
                 binding.bind_cpu_input(name, value)
@@ -464,6 +506,9 @@ class Graph:
 # slower). EXTENDED, not ALL, is saved: ALL's NCHWc layouts ran the int8 UNet 2x slower and the
 # fp32 one no faster (bench_sd.py, 2 cores, 2026-11-25). A saved graph is tied to the CPU type and
 # the onnxruntime version, so both are in the cache key.
+# On CUDA the same holds at the provider's own EXTENDED level: an SD 1.5 fp16 UNet's session took
+# 2.6 s to make, 0.8 s from the saved graph, with the same output and step time (H100, 2026-11-26).
+# There the key names the provider and the GPU instead of the CPU.
 
 ORT_CACHE_ENV = "SDPORT_ORT_CACHE"  # "0"/"off": never use the cache; a path: the cache folder
 
@@ -501,15 +546,29 @@ def _file_identity(path: Path) -> str:
     return checksums.stat_identity(stat)
 
 
-def graph_cache_key(path: Path, fused: bool) -> str:
-    """sha256 over the graph file's and its data files' identities, onnxruntime and the CPU."""
+def _gpu_identity() -> str:
+    """The NVIDIA GPUs' models as the driver lists them (Linux), else nothing."""
+    models = []
+    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
+        with contextlib.suppress(OSError):
+            models += [l.split(":", 1)[1].strip() for l in info.read_text().splitlines() if l.startswith("Model:")]
+    return ",".join(models)
+
+
+CACHED_PROVIDERS = ("cpu", "cuda")  # DirectML's sessions are left as they are
+
+
+def graph_cache_key(path: Path, fused: bool, provider: str = "cpu") -> str:
+    """sha256 over the graph file's and its data files' identities, onnxruntime, the provider and
+    its hardware (the CPU, or the GPU for CUDA)."""
     import hashlib
 
     digest = hashlib.sha256(_file_identity(Path(path)).encode())
     for location in external_data_locations(Path(path)):
         digest.update(f"{location}|{_file_identity(Path(path).parent / location)}".encode())
-    level = session_options("cpu", fused).graph_optimization_level
-    digest.update(f"{ort.__version__}|{_cpu_identity()}|fused={fused}|level={level}|v3".encode())
+    level = session_options(provider, fused).graph_optimization_level
+    hardware = _cpu_identity() if provider == "cpu" else f"{provider}|{_gpu_identity()}"
+    digest.update(f"{ort.__version__}|{hardware}|fused={fused}|level={level}|v3".encode())
     return digest.hexdigest()[:32]
 
 
@@ -529,8 +588,8 @@ def _trim_heap() -> None:
         pass
 
 
-def _preoptimize(path: Path, entry: Path, fused: bool) -> None:
-    """Writes the optimized graph of `path` to `entry`/model.onnx, atomically (temp + rename)."""
+def _preoptimize(path: Path, entry: Path, provider: str, fused: bool, providers: list) -> None:
+    """Writes the optimized graph of `path` for `provider` to `entry`/model.onnx, atomically (temp + rename)."""
     import json
     import shutil
 
@@ -539,21 +598,23 @@ def _preoptimize(path: Path, entry: Path, fused: bool) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        options = session_options("cpu", fused)  # its optimization level is what gets saved
+        options = session_options(provider, fused)  # its optimization level is what gets saved
         options.optimized_model_filepath = str(tmp / "model.onnx")
         # Weights go to one data file beside it (an SD 1.5 UNet is over protobuf's 2 GB limit).
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx_data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         del session
         _trim_heap()
-        (tmp / "source.json").write_text(json.dumps({"source": str(Path(path).resolve())}) + "\n")
-        # Entries made from this same source file are stale now: drop them (each is a full copy).
+        made_from = {"source": str(Path(path).resolve()), "provider": provider}
+        (tmp / "source.json").write_text(json.dumps(made_from) + "\n")
+        # Entries made from this same source file for this provider are stale now: drop them (each
+        # is a full copy). The other provider's entry stays: one machine may run both.
         for old in entry.parent.iterdir():
             if old.name.startswith(".") or old == entry:
                 continue
             try:
-                if json.loads((old / "source.json").read_text()).get("source") == str(Path(path).resolve()):
+                if {"provider": "cpu", **json.loads((old / "source.json").read_text())} == made_from:
                     shutil.rmtree(old, ignore_errors=True)
             except (OSError, ValueError):
                 continue
@@ -566,9 +627,9 @@ def _preoptimize(path: Path, entry: Path, fused: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def preoptimized_options(fused: bool) -> ort.SessionOptions:
+def preoptimized_options(fused: bool, provider: str = "cpu") -> ort.SessionOptions:
     """Options for loading a cached pre-optimized graph: nothing left to optimize, no prepacking."""
-    options = session_options("cpu", fused)
+    options = session_options(provider, fused)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     # Prepacking copies every weight into private packed buffers (~+1 GB on an SD 1.5 UNet);
     # measured no slower without it on the pre-optimized graph.
@@ -580,8 +641,8 @@ def open_session(
     path: Path, provider: str, fused: bool, providers: list[str],
     profile_prefix: str | None = None,
 ) -> tuple[ort.InferenceSession, Path]:
-    """An onnxruntime session for `path`, and the graph file it loaded: on CPU the pre-optimized
-    cache's copy when possible, else `path`.
+    """An onnxruntime session for `path`, and the graph file it loaded: on CPU and CUDA the
+    pre-optimized cache's copy when possible, else `path`.
 
     Any failure of the cache (not writable, disk full, an onnxruntime that can't save) falls back
     to optimizing at session creation, as without the cache. `profile_prefix` turns on
@@ -594,14 +655,14 @@ def open_session(
             options.profile_file_prefix = profile_prefix
         return options
 
-    cache = ort_cache_dir() if provider == "cpu" else None
+    cache = ort_cache_dir() if provider in CACHED_PROVIDERS else None
     if cache is not None:
         try:
-            entry = cache / graph_cache_key(path, fused)
+            entry = cache / graph_cache_key(path, fused, provider)
             if not (entry / "model.onnx").is_file():
-                _preoptimize(path, entry, fused)
+                _preoptimize(path, entry, provider, fused, providers)
             session = ort.InferenceSession(
-                str(entry / "model.onnx"), sess_options=profiled(preoptimized_options(fused)),
+                str(entry / "model.onnx"), sess_options=profiled(preoptimized_options(fused, provider)),
                 providers=providers,
             )
             return session, entry / "model.onnx"
