@@ -378,6 +378,8 @@ class Graph:
     On CUDA, inputs that stay fixed for many runs (the text embeddings) can be put on the device
     once with `keep_on_device` and are then bound there with onnxruntime's I/O binding; the rest
     is copied in per run. (The schedulers are NumPy, so the latents cross to the host each step.)
+    With `cuda_graph` (CUDA only) it runs as captured CUDA graphs (cuda_graphs.CapturedRuns); a
+    graph that can't be captured opens without them, with a note on stderr.
     """
 
     def __init__(self, name: str, path: Path, provider: str, fused: bool, cuda_graph: bool = False) -> None:
