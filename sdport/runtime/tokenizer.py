@@ -18,7 +18,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 from tokenizers import pre_tokenizers, processors
 
-from sdport.errors import UsageError
+from sdport.errors import UsageError, first_line
 from sdport.models.manifest import ManifestError
 
 logger = logging.getLogger(__name__)
@@ -178,9 +178,8 @@ def _from_tokenizer_json(path: Path) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception for every parse error
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ManifestError(
-            f"{path}: not a readable tokenizer.json ({reason}); replace it with the source model's "
+            f"{path}: not a readable tokenizer.json ({first_line(exc)}); replace it with the source model's "
             f"tokenizer.json, or delete it to use vocab.json + merges.txt"
         ) from exc
 
@@ -194,9 +193,8 @@ def _from_vocab_and_merges(folder: Path, unk_token: str) -> Tokenizer:
             unk_token=unk_token,
         )
     except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ManifestError(
-            f"{folder}: vocab.json + merges.txt do not load as a BPE vocabulary ({reason}); copy "
+            f"{folder}: vocab.json + merges.txt do not load as a BPE vocabulary ({first_line(exc)}); copy "
             f"them again from the source model"
         ) from exc
     tokenizer = Tokenizer(bpe)
