@@ -91,12 +91,13 @@ def worker_unet_torch(model: str, size: int, runs: int) -> dict:
 
 def torch_unet_step(unet, size: int) -> Callable[[], object]:
     """One batch-2 evaluation (classifier-free guidance) of diffusers' `unet` at `size` pixels, on
-    fixed random inputs."""
+    fixed random inputs made as guidance makes them (and as sdport's, quantize.unet_feeds): the
+    same latents twice, two text embeddings."""
     import torch
 
     g = torch.Generator().manual_seed(0)
     latent = size // 8
-    sample = torch.randn(2, unet.config.in_channels, latent, latent, generator=g)
+    sample = torch.randn(1, unet.config.in_channels, latent, latent, generator=g).repeat(2, 1, 1, 1)
     hidden = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
     timestep = torch.tensor(500.0)
     return lambda: unet(sample, timestep, encoder_hidden_states=hidden)

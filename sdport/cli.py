@@ -74,6 +74,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         family=args.family,
         prediction_type=args.prediction_type,
         winograd=not args.no_winograd,
+        guided_prefix=not args.no_guided_prefix,
         report=_say(args),
     )
     return 0
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="standard ONNX operators only (onnxsim), no onnxruntime fusions")
     export.add_argument("--no-winograd", action="store_true",
                         help="keep 3x3 convolutions as Conv (default: Winograd form where it is faster on CPU)")
+    export.add_argument("--no-guided-prefix", action="store_true",
+                        help="compute the UNet's start for both halves of a guided batch (default, fp32: "
+                             "once, when both halves hold the same latents)")
     export.add_argument("--force", action="store_true", help="replace OUT if it exists")
     export.add_argument("--allow-pickle", action="store_true",
                         help="accept pickled .ckpt/.bin checkpoints (they can run code: trusted sources only)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -26,10 +27,14 @@ def test_generate_writes_pngs_with_parameters(tiny_onnx_dir, tmp_path, capsys):
                 "a red fox\nNegative prompt: blurry\nSteps: 2, Sampler: pndm, CFG scale: 7.5, "
                 f"Seed: {5 + i}, Size: 64x64, Model: onnx, Software: sdport"
             )
-    # Image 1 of seed 5 is image 0 of seed 6.
+    # Image 1 of seed 5 is image 0 of seed 6, up to a level here and there: with 2 or more
+    # threads onnxruntime's results differ in the last bit between batch sizes (1e-6 of the
+    # UNet's range on the tiny model), and the UNet's guided prefix runs on 2 images, then on 1.
+    # Another seed's image differs everywhere, by up to the whole range.
     assert generate(tiny_onnx_dir, "--negative", "blurry", "--seed", "6", "-q", "-o", str(tmp_path / "six.png")) == 0
     with Image.open(tmp_path / "fox-1.png") as a, Image.open(tmp_path / "six.png") as b:
-        assert list(a.getdata()) == list(b.getdata())
+        difference = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+    assert difference.max() <= 2 and difference.mean() < 0.01, (difference.max(), difference.mean())
 
 
 def test_no_overwrite_without_flag(tiny_onnx_dir, tmp_path, capsys):

@@ -201,12 +201,14 @@ def test_optimum_folder_with_broken_model_index(model, tmp_path, capsys):
 
 
 def rename_input(path: Path, old: str, new: str) -> None:
+    from sdport.export.subgraphs import rename_references
+
     model = onnx.load(str(path))
     for value in model.graph.input:
         if value.name == old:
             value.name = new
     for node in model.graph.node:
-        node.input[:] = [new if name == old else name for name in node.input]
+        rename_references(node, {old: new})  # in If branches too (the UNet's guided prefix)
     onnx.save(model, str(path))
 
 

@@ -49,16 +49,24 @@ def test_cuda_generates_like_cpu(tiny_onnx_dir):
     assert difference.max() < 2e-2 and difference.mean() < 2e-3, (difference.max(), difference.mean())
 
 
+@pytest.fixture(scope="module")
+def tiny_fp16_dir(tiny_diffusers_dir: Path, tmp_path_factory) -> Path:
+    from sdport.export.folder import export_model
+
+    return export_model(tiny_diffusers_dir, tmp_path_factory.mktemp("fp16") / "onnx", fp16=True, report=None)
+
+
 @pytest.mark.skipif(
     "CUDAExecutionProvider" not in HAVE,
     reason="CUDAExecutionProvider not installed (needs onnxruntime-gpu and an NVIDIA GPU)",
 )
-def test_cuda_graphs_replay_what_plain_cuda_runs(tiny_onnx_dir):
+def test_cuda_graphs_replay_what_plain_cuda_runs(tiny_fp16_dir, tiny_onnx_dir):
     # Each image size and batch is its own captured graph on its own device buffers; new text
     # embeddings must reach a graph already captured, and going back to a size must replay its graph.
+    # The GPU export: an fp32 one's UNet has If nodes (its guided prefix), which CUDA graphs can't hold.
     kwargs = dict(steps=4, scheduler="euler", output="np", progress=False, seed=1)
-    captured = Pipeline.load(tiny_onnx_dir, provider="cuda", cuda_graphs=True)
-    plain = Pipeline.load(tiny_onnx_dir, provider="cuda")
+    captured = Pipeline.load(tiny_fp16_dir, provider="cuda", cuda_graphs=True)
+    plain = Pipeline.load(tiny_fp16_dir, provider="cuda")
     unet = captured._graphs["unet"]
     assert unet.cuda_graphs and not plain._graphs["unet"].cuda_graphs
     requests = [("a fox", 64, 1, 7.5), ("a red fox", 64, 1, 7.5), ("a fox", 128, 1, 7.5),
@@ -71,7 +79,11 @@ def test_cuda_graphs_replay_what_plain_cuda_runs(tiny_onnx_dir):
         np.testing.assert_allclose(got, want, atol=2e-3, err_msg=f"{prompt!r} {size}px x{count} g={guidance}")
     assert not unet._captured.failed
     assert len(unet._captured.slots) == 4  # 64 px x2, 128 px x2, 64 px x4, 64 px x1 (no guidance)
-    assert not Pipeline.load(tiny_onnx_dir, provider="cuda", low_memory=True, cuda_graphs=True).cuda_graphs
+    assert not Pipeline.load(tiny_fp16_dir, provider="cuda", low_memory=True, cuda_graphs=True).cuda_graphs
+    # An fp32 folder's UNet opens without them (with a note) and still generates.
+    fallback = Pipeline.load(tiny_onnx_dir, provider="cuda", cuda_graphs=True)
+    assert not fallback._graphs["unet"].cuda_graphs
+    assert np.isfinite(fallback.generate("a fox", **kwargs)).all()
 
 
 @pytest.mark.skipif(

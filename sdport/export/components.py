@@ -6,6 +6,8 @@ tool runs in the other's runtime. Symbolic dims say their relation (`B`, `H`, `8
 
 from __future__ import annotations
 
+import contextlib
+import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,8 @@ class ComponentGraph:
     outputs: tuple[TensorSpec, ...]
     # (batch, latent height, latent width) -> example inputs; used to trace and to validate.
     make_inputs: Callable[[int, int, int, torch.Generator], tuple[torch.Tensor, ...]]
+    # Inputs that classifier-free guidance gives the same value in both halves of the batch.
+    guided_shared: tuple[str, ...] = ()
 
 
 class _TextEncoder(torch.nn.Module):
@@ -80,8 +84,11 @@ def component_graphs(pipeline) -> dict[str, ComponentGraph]:
         return (torch.randint(0, vocab, (batch, max_tokens), generator=gen, dtype=torch.int64),)
 
     def unet_inputs(batch, h, w, gen):
+        latents = torch.randn(batch, latent_channels, h, w, generator=gen)
+        if batch % 2 == 0:  # as guidance runs it: the same latents for both halves
+            latents[batch // 2:] = latents[:batch // 2]
         return (
-            torch.randn(batch, latent_channels, h, w, generator=gen),
+            latents,
             torch.tensor(float(torch.randint(0, 1000, (1,), generator=gen)), dtype=torch.float32),
             torch.randn(batch, max_tokens, embed_dim, generator=gen),
         )
@@ -113,6 +120,7 @@ def component_graphs(pipeline) -> dict[str, ComponentGraph]:
             ),
             (TensorSpec("out_sample", "float32", ("B", unet.config.out_channels, "H", "W")),),
             unet_inputs,
+            guided_shared=("sample", "timestep"),
         ),
         "vae_decoder": ComponentGraph(
             "vae_decoder",
@@ -135,15 +143,44 @@ def _dynamic_axes(specs: tuple[TensorSpec, ...]) -> dict[str, dict[int, str]]:
     return {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in specs}
 
 
+def _geglu_as_two_products(self, hidden_states, *args, **kwargs):
+    """GEGLU (`h, gate = proj(x).chunk(2); h * gelu(gate)`) with `proj` as two half products.
+
+    The same arithmetic; the trace then has no Slice copies of the doubled-width product, and
+    onnxruntime fuses the gate's bias into its Gelu (BiasGelu). SD 1.5 at 512 px, 2 cores:
+    the 16 feed-forward layers' Slices took 0.09 s of a 7.7 s step."""
+    weight_h, weight_gate = self.proj.weight.chunk(2, dim=0)
+    bias_h, bias_gate = self.proj.bias.chunk(2) if self.proj.bias is not None else (None, None)
+    hidden = torch.nn.functional.linear(hidden_states, weight_h, bias_h)
+    gate = torch.nn.functional.linear(hidden_states, weight_gate, bias_gate)
+    return hidden * self.gelu(gate)
+
+
+@contextlib.contextmanager
+def _traceable(module: torch.nn.Module):
+    """`module` with the forms that trace into faster graphs, for the length of the trace only
+    (the reference outputs come from the model as loaded)."""
+    from diffusers.models.activations import GEGLU
+
+    patched = [m for m in module.modules() if isinstance(m, GEGLU)]
+    for geglu in patched:
+        geglu.forward = types.MethodType(_geglu_as_two_products, geglu)
+    try:
+        yield module
+    finally:
+        for geglu in patched:
+            del geglu.forward  # back to the class's own
+
+
 def trace_to_onnx(graph: ComponentGraph, path: Path, *, opset: int, trace_size: tuple[int, int]) -> Path:
     """Traces `graph` with the TorchScript exporter (fast, ~1e-6 parity) into `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # Batch 2 (not 1) at a size well above the smallest, so that no dim is specialised to 1.
     example = graph.make_inputs(2, *trace_size, torch.Generator().manual_seed(0))
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _traceable(graph.module.eval()) as module:
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
         torch.onnx.export(
-            graph.module.eval(),
+            module,
             example,
             str(path),
             dynamo=False,

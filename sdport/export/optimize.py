@@ -121,6 +121,17 @@ def winograd(src: Path, dst: Path, native_dims_json: str) -> None:
     rewrite_file(src, dst, native_dims_json)
 
 
+def guided_prefix(src: Path, dst: Path, shared_json: str) -> None:
+    """The nodes that guidance's two equal halves compute alike, computed once for both."""
+    import json
+
+    from sdport.export.guided_prefix import share_guided_prefix
+
+    model = load_model(src)
+    share_guided_prefix(model, json.loads(shared_json))
+    save_model(model, dst)
+
+
 def opset_of(path: Path) -> int:
     model = onnx.load_model(str(path), load_external_data=False)
     return max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx"))
@@ -147,5 +158,5 @@ def stamp_io(path: Path, inputs, outputs) -> None:
 if __name__ == "__main__":  # in_subprocess: python -m sdport.export.optimize STAGE SRC DST [ARG]
     stage_name, src, dst, *rest = sys.argv[1:]
     stages = {"simplify": simplify, "fuse_for_onnxruntime": fuse_for_onnxruntime, "to_fp16": to_fp16,
-              "winograd": winograd}
+              "winograd": winograd, "guided_prefix": guided_prefix}
     stages[stage_name](Path(src), Path(dst), *rest)

@@ -47,6 +47,7 @@ def quantize_unet(src: Path, dst: Path, winograd: bool = True) -> None:
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from sdport.export.guided_prefix import share_guided_prefix
     from sdport.export.winograd import rewrite_named
 
     # Shape inference can't type the outputs of contrib ops (MultiHeadAttention); all are fp32.
@@ -56,7 +57,7 @@ def quantize_unet(src: Path, dst: Path, winograd: bool = True) -> None:
     work = dst.parent / ".matmul"
     work.mkdir(parents=True, exist_ok=True)
     try:
-        source, winograd_convs = _quantizer_input(src, work / "source")
+        source, winograd_convs, guided_shared = _quantizer_input(src, work / "source")
         winograd_convs = winograd_convs if winograd else {}
         # int8 MatMul weights; only weights (MatMulConstBOnly): attention inputs stay fp32.
         quantize_dynamic(source, work / "model.onnx", op_types_to_quantize=["MatMul"],
@@ -68,25 +69,35 @@ def quantize_unet(src: Path, dst: Path, winograd: bool = True) -> None:
                          use_external_data_format=True, extra_options={"DefaultTensorType": FLOAT})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    # Our layout (one file, or one model.onnx_data when over 2 GB), with the Winograd convs back.
-    resave(dst, edit=lambda model: rewrite_named(model, winograd_convs))
+    # Our layout (one file, or one model.onnx_data when over 2 GB), with the Winograd convs and
+    # the guided prefix back.
+    def restore(model) -> None:
+        rewrite_named(model, winograd_convs)
+        if guided_shared:
+            share_guided_prefix(model, guided_shared)
+
+    resave(dst, edit=restore)
 
 
-def _quantizer_input(src: Path, work: Path) -> tuple[Path, dict[str, dict]]:
-    """A copy of `src` that the quantizer can read, and its Winograd convs' records by name.
+def _quantizer_input(src: Path, work: Path) -> tuple[Path, dict[str, dict], list[str]]:
+    """A copy of `src` that the quantizer can read, its Winograd convs' records by name, and the
+    inputs its guided prefix shares ([] without one).
 
     The copy imports the com.microsoft domain, which the quantizer's shape inference needs for
     the fused attention nodes (onnxruntime itself loads the graph without it), and has its
-    Winograd convs back as Conv nodes: the quantizer does not look into their If branches."""
+    Winograd convs back as Conv nodes and its guided prefix undone: the quantizer does not look
+    into If branches."""
     import onnx
 
     from sdport.export.attention import unpack_self_attention
+    from sdport.export.guided_prefix import restore_prefix
     from sdport.export.onnx_files import save_model
     from sdport.export.winograd import restore_convs, winograd_records
     from sdport.runtime.sessions import external_data_locations
 
     work.mkdir(parents=True, exist_ok=True)
     model = onnx.load_model(str(src), load_external_data=False)
+    guided_shared = restore_prefix(model)
     # Folders exported before attention.py: self-attention as CPU flash attention too (exact).
     unpack_self_attention(model)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
@@ -97,21 +108,23 @@ def _quantizer_input(src: Path, work: Path) -> tuple[Path, dict[str, dict]]:
         onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
         restore_convs(model)
         save_model(model, work / src.name)
-        return work / src.name, winograd_convs
+        return work / src.name, winograd_convs, guided_shared
     for location in external_data_locations(src):  # copied: onnx refuses hard-linked data files
         shutil.copyfile(src.parent / location, work / location)
     onnx.save_model(model, str(work / src.name))
-    return work / src.name, {}
+    return work / src.name, {}, guided_shared
 
 
 def unet_feeds(manifest, latent: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random batch-2 UNet inputs (guidance's batch) at a latent size of `latent` x `latent`, as
-    the manifest declares them (also the benchmarks' inputs)."""
+    """Random batch-2 UNet inputs at a latent size of `latent` x `latent`, as guidance makes them
+    (the same latents twice, two text embeddings) and the manifest declares them (also the
+    benchmarks' inputs)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in manifest.graphs[QUANTIZED].inputs:
         if spec.name == "sample":
-            feeds[spec.name] = rng.standard_normal((2, manifest.latent_channels, latent, latent), dtype=np.float32)
+            latents = rng.standard_normal((1, manifest.latent_channels, latent, latent), dtype=np.float32)
+            feeds[spec.name] = np.concatenate([latents, latents])
         elif spec.name == "timestep":
             shape = tuple(d if isinstance(d, int) else 1 for d in spec.shape)
             feeds[spec.name] = np.full(shape, 500, dtype=spec.dtype)

@@ -37,6 +37,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from sdport.export.subgraphs import graph_reads, outer_references
+
 WINOGRAD_KEY = "sdport.winograd"
 TILE = 4  # output tile side; input tiles are TILE + 2 = 6
 # A conv is rewritten when its input at the native size has at least this many tiles (16x16
@@ -164,7 +166,7 @@ def eligible_convs(model: onnx.ModelProto, shapes: dict[str, list] | None) -> li
     """Plain fp32 3x3 convs with constant weights and at least MIN_CHANNELS in and out; with
     `shapes` (each conv's input at the folder's native size), only those where Winograd pays."""
     initializers = {t.name: t for t in model.graph.initializer}
-    uses = collections.Counter(name for node in model.graph.node for name in node.input)
+    uses = collections.Counter(name for node in model.graph.node for name in outer_references(node))
     found = []
     for node in model.graph.node:
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or not _plain_3x3(node):
@@ -427,7 +429,7 @@ def rewrite_convs(model: onnx.ModelProto, convs: list[_Conv], min_tiles: int = M
             dropped.add(node.input[2])
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    still_used = {name for node in model.graph.node for name in node.input}
+    still_used = graph_reads(model.graph)
     kept = [t for t in model.graph.initializer if t.name not in dropped or t.name in still_used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept + list(builder.initializers.values()))
@@ -476,7 +478,7 @@ def restore_convs(model: onnx.ModelProto) -> int:
             restored.append(numpy_helper.from_array(bias, record["bias"]))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    used = {name for node in nodes for name in node.input}
+    used = graph_reads(model.graph)
     kept = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept + restored)

@@ -304,7 +304,9 @@ class Pipeline:
                 (sdport.runtime.cuda_graphs), one per image size and batch. For a process that
                 generates many images: each step is faster (SD 1.5 at 512 px on an H100: a warm
                 20-step image in 0.39 s instead of 0.51), but the first call of each size pays
-                for the capture, and the UNet's working memory stays held between calls.
+                for the capture, and the UNet's working memory stays held between calls. Needs an
+                --fp16 export: an fp32 UNet has If nodes (Winograd convolutions, its guided
+                prefix), which CUDA graphs can't hold; it then runs without them, with a note.
         Raises:
             UsageError for an unknown or missing provider; ManifestError for a folder that is
             missing, incomplete, or whose graphs do not have the inputs/outputs needed.
