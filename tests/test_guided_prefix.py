@@ -42,7 +42,8 @@ def _inputs(batch: int, h: int, w: int, guided: bool, rng: np.random.Generator) 
 
 def _diffusers(pipe, inputs: dict[str, np.ndarray]) -> np.ndarray:
     with torch.no_grad():
-        return pipe.unet(*(torch.from_numpy(inputs[k]) for k in ("sample", "timestep", "encoder_hidden_states"))).sample.numpy()
+        args = (torch.from_numpy(inputs[k]) for k in ("sample", "timestep", "encoder_hidden_states"))
+        return pipe.unet(*args).sample.numpy()
 
 
 def _branch_taken(path: Path, inputs: dict[str, np.ndarray], tmp_path: Path) -> tuple[np.ndarray, set[str]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from sdport import __version__
-from sdport.errors import SdportError, UsageError
+from sdport.errors import SdportError, UsageError, typed_first_line
 from sdport.export import optimize
 from sdport.export.components import ComponentGraph, component_graphs, trace_to_onnx
 from sdport.export.onnx_files import resave
@@ -84,9 +84,8 @@ class _Stages:
         except Exception as exc:  # the exporter's or optimizer's own failure: name the stage
             if "No space left" in str(exc):
                 raise  # a full disk reported by a C++ writer: export_model says so in one line
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise SdportError(
-                f"{self.name} ({label}): {type(exc).__name__}: {detail}; try --no-optimize, or "
+                f"{self.name} ({label}): {typed_first_line(exc)}; try --no-optimize, or "
                 "report this with the model's configs"
             ) from exc
         self.parity[label] = check_parity(self.name, path, self.cases, tolerance=tolerance, stage=label)

@@ -77,9 +77,15 @@ def _halves_equal(batched: list[str], prefix: str) -> tuple[list[onnx.NodeProto]
     """Nodes computing whether every batched input's two halves are equal (batch even and > 0),
     and the first halves' names."""
     n = lambda name: f"{prefix}/{name}"  # noqa: E731
+
+    def ints(name: str, values: list[int]) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [n(name)],
+                                value=helper.make_tensor(n(name), onnx.TensorProto.INT64, [len(values)], values))
+
     nodes = [
-        helper.make_node("Constant", [], [n("zero")], value=helper.make_tensor(n("zero"), onnx.TensorProto.INT64, [1], [0])),
-        helper.make_node("Constant", [], [n("two")], value=helper.make_tensor(n("two"), onnx.TensorProto.INT64, [1], [2])),
+        ints("zero_dims", []),
+        ints("zero", [0]),
+        ints("two", [2]),
         helper.make_node("Shape", [batched[0]], [n("shape")], start=0, end=1),
         helper.make_node("Div", [n("shape"), n("two")], [n("half")]),
         helper.make_node("Mul", [n("half"), n("two")], [n("twice_half")]),
@@ -104,8 +110,6 @@ def _halves_equal(batched: list[str], prefix: str) -> tuple[list[onnx.NodeProto]
         ]
         condition, halves[name] = f"{differ}_ok", first
     nodes.append(helper.make_node("Reshape", [condition, n("zero_dims")], [n("condition")]))
-    nodes.insert(0, helper.make_node("Constant", [], [n("zero_dims")],
-                                     value=helper.make_tensor(n("zero_dims"), onnx.TensorProto.INT64, [0], [])))
     for node in nodes:
         node.name = node.output[0]
     return nodes, n("condition"), halves

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from sdport.errors import SdportError, UsageError
+from sdport.errors import SdportError, UsageError, typed_first_line
 from sdport.models.families import CUSTOM, FAMILIES, family_for_embed_dim
 
 SourceKind = Literal["diffusers", "single_file", "hub"]
@@ -194,7 +194,7 @@ def _load_diffusers_folder(folder: Path, allow_pickle: bool) -> Any:
             folder, local_files_only=True, use_safetensors=None if allow_pickle else True, **_pipeline_kwargs(torch)
         )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise SdportError(f"{folder}: diffusers could not load this folder: {_first_line(exc)}") from exc
+        raise SdportError(f"{folder}: diffusers could not load this folder: {typed_first_line(exc)}") from exc
 
 
 def _load_hub(repo_id: str, allow_pickle: bool) -> Any:
@@ -208,7 +208,7 @@ def _load_hub(repo_id: str, allow_pickle: bool) -> Any:
     except Exception as exc:  # network, auth, missing repository or files: all end here
         raise SdportError(
             f"could not download {repo_id!r} from the Hugging Face Hub (no network? a gated model "
-            f"needs `hf auth login`; if it is a local path, it does not exist): {_first_line(exc)}"
+            f"needs `hf auth login`; if it is a local path, it does not exist): {typed_first_line(exc)}"
         ) from exc
 
 
@@ -310,7 +310,9 @@ def _read_pickle_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         except RuntimeError:  # mmap needs the zip format; old checkpoints are plain pickles
             state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as exc:
-        raise SdportError(f"{path}: could not read it as a PyTorch checkpoint of tensors: {_first_line(exc)}") from exc
+        raise SdportError(
+            f"{path}: could not read it as a PyTorch checkpoint of tensors: {typed_first_line(exc)}"
+        ) from exc
     while isinstance(state, dict) and "state_dict" in state:  # Lightning checkpoints nest it
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -404,7 +406,7 @@ def _from_single_file(path: Path, config_dir: Path, shapes: Mapping[str, tuple[i
         )
     except Exception as exc:  # diffusers raises ValueError, OSError, RuntimeError (size mismatch), its own
         raise SdportError(
-            f"{path}: diffusers could not build a pipeline from it with {configs}: {_first_line(exc)}; "
+            f"{path}: diffusers could not build a pipeline from it with {configs}: {typed_first_line(exc)}; "
             "if it is not a plain SD 1.x/2.x model, pass --config with a diffusers folder that matches it"
         ) from exc
     return pipeline
@@ -426,7 +428,7 @@ def _empty_pipeline(config_dir: Path) -> Any:
                 text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder")),
             )
     except Exception as exc:  # missing or invalid config files
-        raise SdportError(f"{config_dir}: its component configs cannot be read: {_first_line(exc)}") from exc
+        raise SdportError(f"{config_dir}: its component configs cannot be read: {typed_first_line(exc)}") from exc
 
 
 def _check_complete(path: Path, pipeline: Any, shapes: Mapping[str, tuple[int, ...]]) -> None:
@@ -447,11 +449,6 @@ def _check_complete(path: Path, pipeline: Any, shapes: Mapping[str, tuple[int, .
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 @contextlib.contextmanager
