@@ -58,21 +58,28 @@ Say = Callable[[str], None]
 # (madvise MADV_DONTNEED); they stay in the kernel's page cache and come back on the next run by
 # a page fault, not a disk read (15 ms for the SD 1.5 text encoder's 324 MB on 2 cores).
 _MADV_DONTNEED = 4  # Linux; the call is skipped elsewhere
+_HEX_DIGITS = frozenset("0123456789abcdef")
 
 
-def _file_mappings() -> list[dict]:
-    """This process's file mappings from /proc/self/smaps: start, end, path and their kB fields."""
+def _file_mappings(paths: frozenset[str] | None = None) -> list[dict]:
+    """This process's file mappings from /proc/self/smaps (only those of `paths`, if given):
+    start, end, path and their kB fields.
+
+    smaps has a dozen or more lines per mapping (13,000 lines for an SD pipeline's process); only
+    the mappings asked for are parsed: 10 ms a walk instead of 17 on 2 cores, three walks a call."""
     mappings: list[dict] = []
     current: dict | None = None
-    with open("/proc/self/smaps") as smaps:
+    with open("/proc/self/smaps") as smaps:  # line by line: the whole text would be megabytes resident
         for line in smaps:
-            head = line.split(None, 5)
-            if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
-                start, end = head[0].split("-")
-                current = {"start": int(start, 16), "end": int(end, 16),
-                           "path": head[5].strip() if len(head) > 5 else ""}
-                mappings.append(current)
-            elif current is not None and line.rstrip().endswith(" kB"):
+            if line[:1] in _HEX_DIGITS:  # a mapping's header: "start-end perms offset dev inode [path]"
+                head = line.split(None, 5)
+                path = head[5].strip() if len(head) > 5 else ""
+                current = None
+                if paths is None or path in paths:
+                    start, end = head[0].split("-")
+                    current = {"start": int(start, 16), "end": int(end, 16), "path": path}
+                    mappings.append(current)
+            elif current is not None and line.endswith(" kB\n"):  # "Rss:   12 kB"; field names are capitalised
                 key, value = line.split(":", 1)
                 current[key] = int(value.split()[0])
     return mappings
@@ -90,7 +97,7 @@ def release_mapped_pages(files: frozenset[str]) -> None:
     try:
         import ctypes
 
-        mappings = _file_mappings()
+        mappings = _file_mappings(files)
         madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError, ValueError, IndexError):
         return
