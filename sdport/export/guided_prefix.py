@@ -20,13 +20,12 @@ hands on (the integer side of the graph) are made again from full-batch tensors.
 
 from __future__ import annotations
 
-import collections
-import json
 from collections.abc import Iterable
 
 import onnx
 from onnx import helper
 
+from sdport.export.onnx_files import json_metadata, set_json_metadata
 from sdport.export.subgraphs import outer_references, rename_references
 
 PREFIX_KEY = "sdport.guided_prefix"  # metadata: {"shared": [input names], "nodes": count}
@@ -123,7 +122,7 @@ def share_guided_prefix(model: onnx.ModelProto, shared_inputs: Iterable[str]) ->
     nodes (0: nothing to share, the model is unchanged).
     """
     graph = model.graph
-    if any(p.key == PREFIX_KEY for p in model.metadata_props):
+    if json_metadata(model, PREFIX_KEY) is not None:
         return 0  # shared already
     shared = {value.name for value in graph.input if value.name in set(shared_inputs)}
     batched = {value.name for value in graph.input
@@ -133,10 +132,9 @@ def share_guided_prefix(model: onnx.ModelProto, shared_inputs: Iterable[str]) ->
     depends = _dependencies(graph)
     # The prefix: what depends on the batched shared inputs and nothing else. Nodes that read
     # only unbatched ones (a scalar timestep) or constants have no batch: they stay outside.
-    prefix = [node for node in graph.node
-              if node.op_type != "Constant" and depends[node.output[0]] <= shared and depends[node.output[0]] & batched]
+    prefix = [node for node in graph.node if depends[node.output[0]] <= shared and depends[node.output[0]] & batched]
     prefix_ids = {id(node) for node in prefix}
-    made = {output for node in prefix for output in node.output if output}
+    producer = {output: node for node in prefix for output in node.output if output}
     read_outside = {value.name for value in graph.output}
     for node in graph.node:
         if id(node) not in prefix_ids:
@@ -151,7 +149,6 @@ def share_guided_prefix(model: onnx.ModelProto, shared_inputs: Iterable[str]) ->
     # The shape computations handed on are made again in the half branch from full-batch
     # tensors: the shape-side nodes they come from, reading the data tensors they measure
     # concatenated (`full`: those handed on, and any others they measure).
-    producer = {output: node for node in prefix for output in node.output}
     full, needed, stack, seen = list(data_out), set(), list(shapes_out), set()
     while stack:
         name = stack.pop()
@@ -160,7 +157,7 @@ def share_guided_prefix(model: onnx.ModelProto, shared_inputs: Iterable[str]) ->
         seen.add(name)
         needed.add(id(producer[name]))
         for source in producer[name].input:
-            if source in made and source not in shape_side and source not in full:
+            if source in producer and source not in shape_side and source not in full:
                 full.append(source)
             stack.append(source)
     shape_nodes = [node for node in prefix if id(node) in needed]
@@ -196,18 +193,18 @@ def share_guided_prefix(model: onnx.ModelProto, shared_inputs: Iterable[str]) ->
     after = [node for node in rest if not depends[node.output[0]] <= shared]
     del graph.node[:]
     graph.node.extend(before + check_nodes + [choose] + after)
-    inside = made - set(data_out + shapes_out)
+    inside = set(producer) - set(data_out + shapes_out)
     kept_info = [value for value in graph.value_info if value.name not in inside]
     del graph.value_info[:]
     graph.value_info.extend(kept_info)
-    _set_metadata(model, {"shared": sorted(shared), "nodes": len(prefix)})
+    set_json_metadata(model, PREFIX_KEY, {"shared": sorted(shared), "nodes": len(prefix)})
     return len(prefix)
 
 
 def restore_prefix(model: onnx.ModelProto) -> list[str]:
     """Undoes `share_guided_prefix` in place (int8 quantization does not look into If branches);
     returns the shared inputs it was made with, to make it again ([] for a graph without it)."""
-    record = next((json.loads(p.value) for p in model.metadata_props if p.key == PREFIX_KEY), None)
+    record = json_metadata(model, PREFIX_KEY)
     if record is None:
         return []
     graph = model.graph
@@ -230,13 +227,5 @@ def restore_prefix(model: onnx.ModelProto) -> list[str]:
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    _set_metadata(model, None)
+    set_json_metadata(model, PREFIX_KEY, None)
     return record["shared"]
-
-
-def _set_metadata(model: onnx.ModelProto, record: dict | None) -> None:
-    kept = [p for p in model.metadata_props if p.key != PREFIX_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    if record is not None:
-        model.metadata_props.add(key=PREFIX_KEY, value=json.dumps(record))

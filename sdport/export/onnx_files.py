@@ -1,9 +1,11 @@
-"""Saving ONNX graphs the way the runtime expects: one file, or one external-data file over 2 GB."""
+"""Saving ONNX graphs the way the runtime expects: one file, or one external-data file over 2 GB;
+and the JSON records our graph rewrites leave in a graph's metadata."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import onnx
 
@@ -53,3 +55,17 @@ def resave(path: Path, edit: Callable[[onnx.ModelProto], object] | None = None) 
         (path.parent / name).unlink(missing_ok=True)
     return save_model(model, path)
 
+
+def json_metadata(model: onnx.ModelProto, key: str) -> Any | None:
+    """The JSON record stored under `key` in the graph's metadata, or None."""
+    value = next((p.value for p in model.metadata_props if p.key == key), None)
+    return json.loads(value) if value else None
+
+
+def set_json_metadata(model: onnx.ModelProto, key: str, record: Any | None) -> None:
+    """Stores `record` under `key` in the graph's metadata; an empty one (None, {}) removes the key."""
+    kept = [p for p in model.metadata_props if p.key != key]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    if record:
+        model.metadata_props.add(key=key, value=json.dumps(record, sort_keys=True))

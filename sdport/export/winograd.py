@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from sdport.export.onnx_files import json_metadata, set_json_metadata
 from sdport.export.subgraphs import graph_reads, outer_references
 
 WINOGRAD_KEY = "sdport.winograd"
@@ -433,7 +434,7 @@ def rewrite_convs(model: onnx.ModelProto, convs: list[_Conv], min_tiles: int = M
     kept = [t for t in model.graph.initializer if t.name not in dropped or t.name in still_used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept + list(builder.initializers.values()))
-    _set_metadata(model, records)
+    set_json_metadata(model, WINOGRAD_KEY, records)
     return list(records)[before:]
 
 
@@ -482,26 +483,17 @@ def restore_convs(model: onnx.ModelProto) -> int:
     kept = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept + restored)
-    _set_metadata(model, {})
+    set_json_metadata(model, WINOGRAD_KEY, {})
     return len(records)
 
 
 def winograd_records(model: onnx.ModelProto) -> dict[str, dict]:
     """The rewritten convs listed in the graph's metadata, by name (empty for a plain graph)."""
-    value = next((p.value for p in model.metadata_props if p.key == WINOGRAD_KEY), None)
-    return json.loads(value) if value else {}
+    return json_metadata(model, WINOGRAD_KEY) or {}
 
 
 def has_winograd(model: onnx.ModelProto) -> bool:
     return bool(winograd_records(model))
-
-
-def _set_metadata(model: onnx.ModelProto, records: dict) -> None:
-    kept = [p for p in model.metadata_props if p.key != WINOGRAD_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    if records:
-        model.metadata_props.add(key=WINOGRAD_KEY, value=json.dumps(records, sort_keys=True))
 
 
 def rewrite_file(src: Path, dst: Path, input_dims_json: str) -> None:
