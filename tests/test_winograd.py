@@ -21,6 +21,7 @@ from sdport.export import folder as export_folder
 from sdport.export import winograd
 from sdport.export.folder import export_model
 from sdport.export.quantize import quantize_unet
+from sdport.export.subgraphs import attribute_graphs
 
 
 def _records(path: Path) -> dict:
@@ -201,12 +202,12 @@ def _assert_not_folded(src: Path, tmp_path: Path) -> None:
     assert taps and set(taps) <= stored_names  # the 3x3 weights ([9, K*C]), transformed per run
     # In the If branches (the convs', the guided prefix's) onnxruntime may fold shape constants
     # of a few elements, never a weight.
-    branches = [a.g for node in optimized.graph.node for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+    branches = [g for node in optimized.graph.node for g in attribute_graphs(node)]
     while branches:
         branch = branches.pop()
         for t in branch.initializer:
             assert np.prod(t.dims) <= 16, f"{branch.name}: onnxruntime stored {t.name} {list(t.dims)} in a branch"
-        branches += [a.g for node in branch.node for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+        branches += [g for node in branch.node for g in attribute_graphs(node)]
     # A folded U would add 4x the conv weights, a folded direct-branch copy 1x; small shape
     # constants onnxruntime folds add a few elements.
     stored = sum(int(np.prod(t.dims)) for t in optimized.graph.initializer)
