@@ -4,7 +4,8 @@
 The Python reference is built here from the same parts a host uses (ClipTokenizer, onnxruntime
 sessions, `run_plan`, `PortableNoise`), and checked against `Pipeline.generate` given the same
 latents. Needs `node`; the Node packages are installed with `npm ci` in hosts/ when missing, and
-the page needs Chromium (`apt-get install chromium`; $CHROMIUM names another binary).
+the page needs Chromium: $CHROMIUM names a binary; otherwise `chromium`, installed with apt-get
+when missing where that can be done (a root shell on Debian or Ubuntu, as on CI).
 """
 
 from __future__ import annotations
@@ -108,6 +109,22 @@ def node_modules() -> Path:
         env = {**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip"}
         run([npm, "ci", "--no-audit", "--no-fund"], timeout=900, cwd=HOSTS, env=env)
     return HOSTS / "node_modules"
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """A Chromium binary: $CHROMIUM, or `chromium`, installed with apt-get when it is missing and
+    that can be done (root, apt-get present; .ci/run does the same)."""
+    installable = not os.environ.get("CHROMIUM") and os.geteuid() == 0 and shutil.which("apt-get")
+    if not Path(CHROMIUM).exists() and installable:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        run(["apt-get", "update", "-qq"], timeout=600, env=env)
+        run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"], timeout=900, env=env)
+    assert Path(CHROMIUM).exists(), (
+        f"Chromium not found at {CHROMIUM}: apt-get install -y --no-install-recommends chromium, "
+        "or set CHROMIUM to a Chromium/Chrome binary"
+    )
+    return CHROMIUM
 
 
 @pytest.fixture(scope="module")
@@ -251,12 +268,8 @@ def test_js_noise_and_tokenizer(node_modules, model):
     assert not mismatched, f"{len(mismatched)}/{len(PROMPTS)} prompts tokenized differently: {mismatched}"
 
 
-def test_page_matches_python(node_modules, model, tmp_path):
+def test_page_matches_python(node_modules, model, chromium, tmp_path):
     """The browser page (onnxruntime-web WASM, headless Chromium) makes the same images and ids."""
-    assert Path(CHROMIUM).exists(), (
-        f"Chromium not found at {CHROMIUM}: apt-get install -y --no-install-recommends chromium, "
-        "or set CHROMIUM to a Chromium/Chrome binary"
-    )
     jobs = []
     for name, (scheduler, steps, seed, width, height, guidance, prompt, negative) in JOBS.items():
         params = {"prompt": prompt, "negative": negative, "scheduler": scheduler, "steps": steps, "seed": seed,
@@ -266,7 +279,7 @@ def test_page_matches_python(node_modules, model, tmp_path):
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     out = tmp_path / "out"
     run([NODE, str(HOSTS / "web" / "headless.mjs"), str(model), str(tmp_path / "jobs.json"), str(out)],
-        timeout=600, env={**os.environ, "CHROMIUM": CHROMIUM})
+        timeout=600, env={**os.environ, "CHROMIUM": chromium})
     for name, job in JOBS.items():
         meta = json.loads((out / f"{name}.json").read_text())
         assert meta["state"] == "done", meta
