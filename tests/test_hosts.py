@@ -115,7 +115,8 @@ def node_modules() -> Path:
 def chromium() -> str:
     """A Chromium binary: $CHROMIUM, or `chromium`, installed with apt-get when it is missing and
     that can be done (root, apt-get present; .ci/run does the same)."""
-    installable = not os.environ.get("CHROMIUM") and os.geteuid() == 0 and shutil.which("apt-get")
+    root = getattr(os, "geteuid", lambda: -1)() == 0  # no geteuid on Windows
+    installable = not os.environ.get("CHROMIUM") and root and shutil.which("apt-get")
     if not Path(CHROMIUM).exists() and installable:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         run(["apt-get", "update", "-qq"], timeout=600, env=env)
