@@ -259,7 +259,7 @@ def bench(args) -> dict:
         runs.append(("sdport_fp16_vae", "t2i_sdport", {"folder": str(args.fp16_vae)}))
     for name, worker, options in runs:
         png = str(work / f"{name}.png")
-        r = result["t2i"][name] = spawn(worker, size=args.image_size, steps=args.steps, png=png, warm=True, **options)
+        r = result["t2i"][name] = spawn(worker, size=args.image_size, steps=args.steps, png=png, warm=1, **options)
         if "png_at" in r:
             r["cold_s"] = r["png_at"] - r["started_at"]
             r["ready_s"] = r["ready_at"] - r["started_at"]  # interpreter, imports and loading

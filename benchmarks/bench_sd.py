@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sd.py --model tiny|sd15 [--sizes 256,512] [--steps N] [--image-size S]
                                   [--out benchmarks/results/sd.json] [--skip-install] [--no-int8]
+                                  [--warm-runs N] [--cold-runs N]
 
 Every measurement runs in a fresh subprocess (peak RSS = that process's ru_maxrss from wait4), with
 PyTorch and onnxruntime at the same thread count (one per physical core, sdport's default), after
@@ -10,8 +11,10 @@ is shared and noisy, so compare ratios, not absolute times across runs.
 
   unet step     one UNet evaluation, batch 2 (classifier-free guidance), fp32 (and int8), per size
   text-to-image --steps steps at --image-size: cold = process start to PNG written (imports and
-                sessions included), warm = a second image in the same process; their
-                difference is what starting cold costs
+                sessions included), warm = the median of --warm-runs more images in the same
+                process; their difference is what starting cold costs. With --cold-runs N, cold
+                is the median of N processes per side, started in turn (diffusers, sdport fp32,
+                int8, diffusers, ...)
   memory        peak RSS of each process; sdport's low_memory mode (one component at a time);
                 the peak of its anonymous part (RssAnon: weights memory-mapped from a file are not
                 in it, and the kernel can reclaim those pages under pressure)
@@ -118,7 +121,7 @@ def worker_unet_sdport(folder: str, size: int, runs: int) -> dict:
     return {"create_s": create, "warmup_s": times[0], "times_s": times[1:]}
 
 
-def worker_t2i_diffusers(model: str, size: int, steps: int, png: str, warm: bool, device: str = "cpu",
+def worker_t2i_diffusers(model: str, size: int, steps: int, png: str, warm: int, device: str = "cpu",
                          fp16: bool = False) -> dict:
     torch = _torch_setup()
     from diffusers import StableDiffusionPipeline
@@ -141,10 +144,10 @@ def worker_t2i_diffusers(model: str, size: int, steps: int, png: str, warm: bool
     first = one(png)
     png_at = time.time()
     return {"load_s": load, "ready_at": ready_at, "first_s": first, "png_at": png_at,
-            "warm_s": one(png + ".warm.png") if warm else None}
+            **warm_images(lambda: one(png + ".warm.png"), warm)}
 
 
-def worker_t2i_sdport(folder: str, size: int, steps: int, png: str, warm: bool, low_memory: bool,
+def worker_t2i_sdport(folder: str, size: int, steps: int, png: str, warm: int, low_memory: bool,
                       provider: str = "cpu", cuda_graphs: bool = False) -> dict:
     import numpy as np
     import onnxruntime as ort
@@ -197,9 +200,8 @@ def worker_t2i_sdport(folder: str, size: int, steps: int, png: str, warm: bool, 
     first, pixels = one(png)
     png_at = time.time()
     np.save(png + ".npy", pixels)
-    result = {"load_s": load, "ready_at": ready_at, "first_s": first, "png_at": png_at, "warm_s": None}
-    if warm:
-        result["warm_s"] = one(png + ".warm.png")[0]
+    result = {"load_s": load, "ready_at": ready_at, "first_s": first, "png_at": png_at,
+              **warm_images(lambda: one(png + ".warm.png")[0], warm)}
     loop = loops[-1]
     result["overhead_s_per_step"] = (loop["loop_s"] - loop["unet_s"]) / max(loop["evals"], 1)
     result["overhead_share"] = (loop["loop_s"] - loop["unet_s"]) / loop["loop_s"]
@@ -233,6 +235,13 @@ def _lock(path: str | None):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def warm_images(make: Callable[[], float], count: int) -> dict:
+    """`count` more images in the process that made the cold one: warm_s (their median; None
+    for none) and warm_runs_s."""
+    times = [make() for _ in range(count)]
+    return {"warm_s": median(times) if times else None, "warm_runs_s": times}
 
 
 def spawn(worker: str, lock: str | None, env: dict | None = None, script: str = __file__, **kwargs) -> dict:
@@ -425,21 +434,22 @@ def bench(args) -> dict:
     # 2. text-to-image, cold and warm; low_memory; without the session cache.
     size, steps = args.image_size, args.steps
     t2i = {"diffusers": spawn("t2i_diffusers", lock, model=str(diffusers_dir), size=size, steps=steps,
-                              png=str(out_dir / "diffusers.png"), warm=True)}
+                              png=str(out_dir / "diffusers.png"), warm=args.warm_runs)}
     for name, folder in folders.items():
         t2i[name] = spawn("t2i_sdport", lock, folder=str(folder), size=size, steps=steps,
-                          png=str(out_dir / f"sdport-{name}.png"), warm=True, low_memory=False)
+                          png=str(out_dir / f"sdport-{name}.png"), warm=args.warm_runs, low_memory=False)
     t2i["fp32_low_memory"] = spawn("t2i_sdport", lock, folder=str(onnx), size=size, steps=steps,
-                                   png=str(out_dir / "sdport-fp32-low-memory.png"), warm=False, low_memory=True)
+                                   png=str(out_dir / "sdport-fp32-low-memory.png"), warm=0, low_memory=True)
     if int8:
         t2i["int8_low_memory"] = spawn("t2i_sdport", lock, folder=str(int8), size=size, steps=steps,
-                                       png=str(out_dir / "sdport-int8-low-memory.png"), warm=False, low_memory=True)
+                                       png=str(out_dir / "sdport-int8-low-memory.png"), warm=0, low_memory=True)
     t2i["fp32_no_cache"] = spawn("t2i_sdport", lock, env={"SDPORT_ORT_CACHE": "0"}, folder=str(onnx), size=size,
-                                 steps=steps, png=str(out_dir / "sdport-fp32-no-cache.png"), warm=False,
+                                 steps=steps, png=str(out_dir / "sdport-fp32-no-cache.png"), warm=0,
                                  low_memory=False)
     for r in t2i.values():
         r["cold_s"] = r["png_at"] - r["started_at"]
         r["ready_s"] = r["ready_at"] - r["started_at"]  # interpreter, imports and loading
+    cold_rounds(args, lock, diffusers_dir, folders, out_dir, t2i)
     result["t2i"] = t2i
     say("text-to-image: " + ", ".join(f"{k} cold {v['cold_s']:.1f} s" for k, v in t2i.items()))
 
@@ -460,6 +470,28 @@ def bench(args) -> dict:
         result["install"] = measure(args.out.parent / "install.json")
     result["ratios"] = ratios(result)
     return result
+
+
+def cold_rounds(args, lock: str | None, diffusers_dir: Path, folders: dict[str, Path], out_dir: Path,
+                t2i: dict) -> None:
+    """With --cold-runs N > 1: N - 1 more cold images each for diffusers and every sdport folder,
+    one of each in turn, so that a slow spell of the machine falls on both sides alike. cold_s
+    becomes the median of the N (cold_runs_s lists them), and cold_ratios the per-round ratios."""
+    names = ["diffusers", *folders]
+    runs = {name: [t2i[name]["cold_s"]] for name in names}
+    for _ in range(args.cold_runs - 1):
+        for name in names:
+            if name == "diffusers":
+                r = spawn("t2i_diffusers", lock, model=str(diffusers_dir), size=args.image_size, steps=args.steps,
+                          png=str(out_dir / "diffusers-cold.png"), warm=0)
+            else:
+                r = spawn("t2i_sdport", lock, folder=str(folders[name]), size=args.image_size, steps=args.steps,
+                          png=str(out_dir / f"sdport-{name}-cold.png"), warm=0, low_memory=False)
+            runs[name].append(r["png_at"] - r["started_at"])
+    for name in names:
+        t2i[name].update(cold_runs_s=runs[name], cold_s=median(runs[name]))
+        if name != "diffusers":
+            t2i[name]["cold_ratios"] = [a / b for a, b in zip(runs[name], runs["diffusers"])]
 
 
 def ratios(r: dict) -> dict:
@@ -512,12 +544,20 @@ def table(r: dict) -> str:
         "{:.2f}", "")
     row("  same, session cache off (s)", None, r["unet"][next(iter(r["unet"]))]["fp32_no_cache"]["create_s"], None,
         "{:.2f}", "")
-    row("text-to-image warm (s)", t["diffusers"]["warm_s"], t["fp32"]["warm_s"], get(t, "int8", "warm_s"), "{:.1f}",
+    warm_runs = len(t["fp32"]["warm_runs_s"])
+    row("text-to-image warm (s)" + (f", median of {warm_runs}" if warm_runs > 1 else ""), t["diffusers"]["warm_s"], t["fp32"]["warm_s"], get(t, "int8", "warm_s"), "{:.1f}",
         "<= 0.77x")
-    row("text-to-image cold, process start to PNG (s)", t["diffusers"]["cold_s"], t["fp32"]["cold_s"],
-        get(t, "int8", "cold_s"), "{:.1f}", "<= 0.5x")
+    cold_runs = len(t["fp32"].get("cold_runs_s", [None]))
+    row("text-to-image cold, process start to PNG (s)" + (f", median of {cold_runs}" if cold_runs > 1 else ""),
+        t["diffusers"]["cold_s"], t["fp32"]["cold_s"], get(t, "int8", "cold_s"), "{:.1f}", "<= 0.5x")
+    if cold_runs > 1:
+        spread = lambda name: (f"{min(t[name]['cold_ratios']):.2f}x-{max(t[name]['cold_ratios']):.2f}x"  # noqa: E731
+                               if name in t else "-")
+        lines.append(f"|   ratio in each round (diffusers, then sdport, {cold_runs} rounds) | | | {spread('fp32')} | | "
+                     f"{spread('int8')} | |")
     row("  same, session cache off (s)", t["diffusers"]["cold_s"], t["fp32_no_cache"]["cold_s"], None, "{:.1f}", "")
-    startup = lambda name: t[name]["cold_s"] - t[name]["warm_s"] if name in t else None  # noqa: E731
+    # Both from the first round's process, which made the warm image too.
+    startup = lambda name: t[name].get("cold_runs_s", [t[name]["cold_s"]])[0] - t[name]["warm_s"] if name in t else None  # noqa: E731
     row("  cold minus warm: imports, loading, first-run set-up (s)", startup("diffusers"), startup("fp32"),
         startup("int8"), "{:.1f}", "")
     row("  process start to pipeline loaded: interpreter, imports, loading (s)", t["diffusers"]["ready_s"],
@@ -564,6 +604,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="text-to-image steps (default: 5 sd15, 10 tiny)")
     parser.add_argument("--image-size", type=int, default=None, help="text-to-image size (default: 512 sd15, 64 tiny)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per UNet measurement (after a warm-up)")
+    parser.add_argument("--warm-runs", type=int, default=None,
+                        help="warm images after the cold one; the table gives their median (default: 1 sd15, 7 tiny)")
+    parser.add_argument("--cold-runs", type=int, default=1,
+                        help="cold text-to-image images per side, taken in turn; the table gives their median")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/<model>.json)")
     parser.add_argument("--onnx", type=Path, default=None, help="an existing sdport fp32 export of the model")
     parser.add_argument("--int8", type=Path, default=None, help="an existing int8 folder (sdport quantize)")
@@ -577,6 +621,7 @@ def main() -> None:
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.steps = args.steps or (5 if args.model == "sd15" else 10)
     args.image_size = args.image_size or (512 if args.model == "sd15" else 64)
+    args.warm_runs = args.warm_runs or (1 if args.model == "sd15" else 7)  # a tiny image takes ~50 ms
     args.out = args.out or REPO / "benchmarks" / "results" / f"{args.model}.json"
     result = run_and_write(args, bench, table)
     print("\nratios (sdport / reference): " + ", ".join(f"{k} {v:.2f}" for k, v in result["ratios"].items()))
