@@ -58,6 +58,10 @@ Say = Callable[[str], None]
 # (madvise MADV_DONTNEED); they stay in the kernel's page cache and come back on the next run by
 # a page fault, not a disk read (15 ms for the SD 1.5 text encoder's 324 MB on 2 cores).
 _MADV_DONTNEED = 4  # Linux; the call is skipped elsewhere
+# A graph whose weight files are smaller keeps its pages: each release walks smaps (~10 ms with an
+# SD pipeline's sessions open, 2 cores), which was a third of a tiny model's 64 px image (85 ms
+# against 50 ms without) to save a few MB.
+RELEASE_MIN_BYTES = 32 << 20
 _HEX_DIGITS = frozenset("0123456789abcdef")
 
 
@@ -416,6 +420,8 @@ class Graph:
         # weights in place from them; a GPU provider copies them to the device at session
         # creation, where the smaps walk would cost ~20 ms for nothing.
         self.weight_files = weight_files(loaded) if provider == "cpu" else frozenset()
+        small = sum(map(os.path.getsize, self.weight_files)) < RELEASE_MIN_BYTES
+        self._released_files = frozenset() if small else self.weight_files
         self._device: dict[str, ort.OrtValue] = {}
         self._kept: dict[str, np.ndarray] = {}  # with CUDA graphs: kept inputs, numbered by version
         self._kept_versions: dict[str, int] = {}
@@ -501,7 +507,7 @@ class Graph:
         else:
             results = self.session.run(None, cast, self._release_options if last else None)
         if last:
-            release_mapped_pages(self.weight_files)
+            release_mapped_pages(self._released_files)
         return {
             port.name: np.asarray(r, dtype=np.float32) if r.dtype == np.float16 else r
             for port, r in zip(self.outputs, results)
