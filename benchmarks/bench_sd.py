@@ -597,6 +597,14 @@ def run_and_write(args, bench_fn, table_fn) -> dict:
     return result
 
 
+def _count(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
@@ -604,9 +612,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="text-to-image steps (default: 5 sd15, 10 tiny)")
     parser.add_argument("--image-size", type=int, default=None, help="text-to-image size (default: 512 sd15, 64 tiny)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per UNet measurement (after a warm-up)")
-    parser.add_argument("--warm-runs", type=int, default=None,
+    parser.add_argument("--warm-runs", type=_count, default=None,
                         help="warm images after the cold one; the table gives their median (default: 1 sd15, 7 tiny)")
-    parser.add_argument("--cold-runs", type=int, default=1,
+    parser.add_argument("--cold-runs", type=_count, default=1,
                         help="cold text-to-image images per side, taken in turn; the table gives their median")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/<model>.json)")
     parser.add_argument("--onnx", type=Path, default=None, help="an existing sdport fp32 export of the model")
