@@ -544,9 +544,9 @@ def table(r: dict) -> str:
         "{:.2f}", "")
     row("  same, session cache off (s)", None, r["unet"][next(iter(r["unet"]))]["fp32_no_cache"]["create_s"], None,
         "{:.2f}", "")
-    warm_runs = len(t["fp32"]["warm_runs_s"])
-    row("text-to-image warm (s)" + (f", median of {warm_runs}" if warm_runs > 1 else ""), t["diffusers"]["warm_s"], t["fp32"]["warm_s"], get(t, "int8", "warm_s"), "{:.1f}",
-        "<= 0.77x")
+    warm_runs = len(t["fp32"].get("warm_runs_s", [None]))  # JSON of earlier runs has one, unlisted
+    row("text-to-image warm (s)" + (f", median of {warm_runs}" if warm_runs > 1 else ""), t["diffusers"]["warm_s"],
+        t["fp32"]["warm_s"], get(t, "int8", "warm_s"), "{:.1f}", "<= 0.77x")
     cold_runs = len(t["fp32"].get("cold_runs_s", [None]))
     row("text-to-image cold, process start to PNG (s)" + (f", median of {cold_runs}" if cold_runs > 1 else ""),
         t["diffusers"]["cold_s"], t["fp32"]["cold_s"], get(t, "int8", "cold_s"), "{:.1f}", "<= 0.5x")
@@ -556,8 +556,9 @@ def table(r: dict) -> str:
         lines.append(f"|   ratio in each round (diffusers, then sdport, {cold_runs} rounds) | | | {spread('fp32')} | | "
                      f"{spread('int8')} | |")
     row("  same, session cache off (s)", t["diffusers"]["cold_s"], t["fp32_no_cache"]["cold_s"], None, "{:.1f}", "")
-    # Both from the first round's process, which made the warm image too.
-    startup = lambda name: t[name].get("cold_runs_s", [t[name]["cold_s"]])[0] - t[name]["warm_s"] if name in t else None  # noqa: E731
+    def startup(name: str) -> float | None:  # both from the first round's process, which made the warm images
+        return t[name].get("cold_runs_s", [t[name]["cold_s"]])[0] - t[name]["warm_s"] if name in t else None
+
     row("  cold minus warm: imports, loading, first-run set-up (s)", startup("diffusers"), startup("fp32"),
         startup("int8"), "{:.1f}", "")
     row("  process start to pipeline loaded: interpreter, imports, loading (s)", t["diffusers"]["ready_s"],

@@ -283,7 +283,7 @@ def test_generate_leaves_no_weight_pages_resident(tiny_onnx_dir, monkeypatch):
     small = Pipeline.load(tiny_onnx_dir, provider="cpu")
     small.generate("a fox", steps=3, seed=5, output="np", progress=False)
     assert resident_kb(small) > 0  # a few MB: kept, not worth a smaps walk per component
-    del small  # its sessions unmap the same files
+    del small  # its sessions map the same files; gone, their pages don't count below
     monkeypatch.setattr(sessions, "RELEASE_MIN_BYTES", 0)
     pipe = Pipeline.load(tiny_onnx_dir, provider="cpu")
     first = pipe.generate("a fox", steps=3, seed=5, output="np", progress=False)
