@@ -261,8 +261,7 @@ def bench(args) -> dict:
         png = str(work / f"{name}.png")
         r = result["t2i"][name] = spawn(worker, size=args.image_size, steps=args.steps, png=png, warm=1, **options)
         if "png_at" in r:
-            r["cold_s"] = r["png_at"] - r["started_at"]
-            r["ready_s"] = r["ready_at"] - r["started_at"]  # interpreter, imports and loading
+            bench_sd.add_start_times(r)
         say(f"t2i {name}: cold {r.get('cold_s', float('nan')):.2f} s, warm {r.get('warm_s') or float('nan'):.2f} s")
     result["ratios"] = ratios(result)
     return result

@@ -237,6 +237,14 @@ def _lock(path: str | None):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def add_start_times(r: dict) -> dict:
+    """A text-to-image worker's result with cold_s (process start to PNG written) and ready_s
+    (process start to pipeline loaded: interpreter, imports and loading)."""
+    r["cold_s"] = r["png_at"] - r["started_at"]
+    r["ready_s"] = r["ready_at"] - r["started_at"]
+    return r
+
+
 def warm_images(make: Callable[[], float], count: int) -> dict:
     """`count` more images in the process that made the cold one: warm_s (their median; None
     for none) and warm_runs_s."""
@@ -432,24 +440,23 @@ def bench(args) -> dict:
         say(f"unet {size}px: " + ", ".join(f"{k} {v['median_s']:.3f} s" for k, v in row.items()))
 
     # 2. text-to-image, cold and warm; low_memory; without the session cache.
-    size, steps = args.image_size, args.steps
-    t2i = {"diffusers": spawn("t2i_diffusers", lock, model=str(diffusers_dir), size=size, steps=steps,
-                              png=str(out_dir / "diffusers.png"), warm=args.warm_runs)}
+    def image(folder: Path | None, png: str, warm: int = 0, low_memory: bool = False, env: dict | None = None) -> dict:
+        """One text-to-image process: diffusers (folder None) or sdport on `folder`."""
+        common = {"size": args.image_size, "steps": args.steps, "png": str(out_dir / png), "warm": warm}
+        if folder is None:
+            r = spawn("t2i_diffusers", lock, model=str(diffusers_dir), **common)
+        else:
+            r = spawn("t2i_sdport", lock, env=env, folder=str(folder), low_memory=low_memory, **common)
+        return add_start_times(r)
+
+    t2i = {"diffusers": image(None, "diffusers.png", args.warm_runs)}
     for name, folder in folders.items():
-        t2i[name] = spawn("t2i_sdport", lock, folder=str(folder), size=size, steps=steps,
-                          png=str(out_dir / f"sdport-{name}.png"), warm=args.warm_runs, low_memory=False)
-    t2i["fp32_low_memory"] = spawn("t2i_sdport", lock, folder=str(onnx), size=size, steps=steps,
-                                   png=str(out_dir / "sdport-fp32-low-memory.png"), warm=0, low_memory=True)
+        t2i[name] = image(folder, f"sdport-{name}.png", args.warm_runs)
+    t2i["fp32_low_memory"] = image(onnx, "sdport-fp32-low-memory.png", low_memory=True)
     if int8:
-        t2i["int8_low_memory"] = spawn("t2i_sdport", lock, folder=str(int8), size=size, steps=steps,
-                                       png=str(out_dir / "sdport-int8-low-memory.png"), warm=0, low_memory=True)
-    t2i["fp32_no_cache"] = spawn("t2i_sdport", lock, env={"SDPORT_ORT_CACHE": "0"}, folder=str(onnx), size=size,
-                                 steps=steps, png=str(out_dir / "sdport-fp32-no-cache.png"), warm=0,
-                                 low_memory=False)
-    for r in t2i.values():
-        r["cold_s"] = r["png_at"] - r["started_at"]
-        r["ready_s"] = r["ready_at"] - r["started_at"]  # interpreter, imports and loading
-    cold_rounds(args, lock, diffusers_dir, folders, out_dir, t2i)
+        t2i["int8_low_memory"] = image(int8, "sdport-int8-low-memory.png", low_memory=True)
+    t2i["fp32_no_cache"] = image(onnx, "sdport-fp32-no-cache.png", env={"SDPORT_ORT_CACHE": "0"})
+    cold_rounds(t2i, {"diffusers": None, **folders}, image, args.cold_runs)
     result["t2i"] = t2i
     say("text-to-image: " + ", ".join(f"{k} cold {v['cold_s']:.1f} s" for k, v in t2i.items()))
 
@@ -472,23 +479,16 @@ def bench(args) -> dict:
     return result
 
 
-def cold_rounds(args, lock: str | None, diffusers_dir: Path, folders: dict[str, Path], out_dir: Path,
-                t2i: dict) -> None:
-    """With --cold-runs N > 1: N - 1 more cold images each for diffusers and every sdport folder,
-    one of each in turn, so that a slow spell of the machine falls on both sides alike. cold_s
-    becomes the median of the N (cold_runs_s lists them), and cold_ratios the per-round ratios."""
-    names = ["diffusers", *folders]
-    runs = {name: [t2i[name]["cold_s"]] for name in names}
-    for _ in range(args.cold_runs - 1):
-        for name in names:
-            if name == "diffusers":
-                r = spawn("t2i_diffusers", lock, model=str(diffusers_dir), size=args.image_size, steps=args.steps,
-                          png=str(out_dir / "diffusers-cold.png"), warm=0)
-            else:
-                r = spawn("t2i_sdport", lock, folder=str(folders[name]), size=args.image_size, steps=args.steps,
-                          png=str(out_dir / f"sdport-{name}-cold.png"), warm=0, low_memory=False)
-            runs[name].append(r["png_at"] - r["started_at"])
-    for name in names:
+def cold_rounds(t2i: dict, sides: dict[str, Path | None], image: Callable[[Path | None, str], dict],
+                rounds: int) -> None:
+    """rounds - 1 more cold images for each of `sides` (t2i names -> what `image` runs), one of
+    each in turn, so that a slow spell of the machine falls on all alike. cold_s becomes the
+    median of the rounds (cold_runs_s lists them), and sdport's cold_ratios the per-round ratios."""
+    runs = {name: [t2i[name]["cold_s"]] for name in sides}
+    for _ in range(rounds - 1):
+        for name, folder in sides.items():
+            runs[name].append(image(folder, f"{name}-cold.png")["cold_s"])
+    for name in sides:
         t2i[name].update(cold_runs_s=runs[name], cold_s=median(runs[name]))
         if name != "diffusers":
             t2i[name]["cold_ratios"] = [a / b for a, b in zip(runs[name], runs["diffusers"])]
