@@ -114,7 +114,7 @@ def node_modules() -> Path:
 @pytest.fixture(scope="module")
 def chromium() -> str:
     """A Chromium binary: $CHROMIUM, or `chromium`, installed with apt-get when it is missing and
-    that can be done (root, apt-get present; .ci/run does the same)."""
+    that can be done (root, apt-get present): the one place, CI included, that installs it."""
     root = getattr(os, "geteuid", lambda: -1)() == 0  # no geteuid on Windows
     installable = not os.environ.get("CHROMIUM") and root and shutil.which("apt-get")
     if not Path(CHROMIUM).exists() and installable:
