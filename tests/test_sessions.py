@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -290,6 +291,26 @@ def test_generate_leaves_no_weight_pages_resident(tiny_onnx_dir, monkeypatch):
     assert resident_kb(pipe) == 0
     assert np.array_equal(pipe.generate("a fox", steps=3, seed=5, output="np", progress=False), first)
 
+
+def test_sessions_leave_no_threads_spinning_after_a_call(tiny_onnx_dir, monkeypatch):
+    """After a generate call the process is idle: no session's intra-op workers keep spinning
+    (onnxruntime's default spins them ~30 ms after each run, which on few cores competed with the
+    next graph's threads). Two threads per pool, whatever this machine has."""
+    import resource
+
+    from sdport.runtime import sessions
+
+    def cpu_seconds() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    monkeypatch.setattr(sessions, "physical_cores", lambda: 2)
+    pipe = Pipeline.load(tiny_onnx_dir, provider="cpu")
+    for _ in range(2):
+        pipe.generate("a fox", steps=2, seed=5, output="np", progress=False)
+        before = cpu_seconds()
+        time.sleep(0.3)
+        assert cpu_seconds() - before < 0.01
 
 def _scale_graph(path: Path, factor: float) -> None:
     """y = x * factor, the factor a 4 kB inline initializer (the same file size for every factor;
