@@ -570,8 +570,8 @@ def table(r: dict) -> str:
             t["fp32"].get("peak_anon_mb"), get(t, "int8", "peak_anon_mb"), "{:.0f}", "")
     row("  low_memory (one component at a time) (MB)", t["diffusers"]["peak_rss_mb"],
         t["fp32_low_memory"]["peak_rss_mb"], get(t, "int8_low_memory", "peak_rss_mb"), "{:.0f}", "well below 0.8x")
-    lines.append(f"| scheduler + Python overhead per step | - | {t['fp32']['overhead_s_per_step'] * 1000:.1f} ms = "
-                 f"{100 * t['fp32']['overhead_share']:.3f}% of a {t['fp32']['step_s']:.2f} s step | | "
+    lines.append(f"| scheduler + Python overhead per step | - | {t['fp32']['overhead_s_per_step'] * 1000:.3g} ms = "
+                 f"{100 * t['fp32']['overhead_share']:.3f}% of a {t['fp32']['step_s'] * 1000:.4g} ms step | | "
                  + (f"{100 * t['int8']['overhead_share']:.3f}%" if "int8" in t else "-") + " | | < 1% |")
     if "install" in r:
         i = r["install"]
