@@ -312,6 +312,7 @@ def test_sessions_leave_no_threads_spinning_after_a_call(tiny_onnx_dir, monkeypa
         time.sleep(0.3)
         assert cpu_seconds() - before < 0.02  # ~0.1 ms measured; spinning workers: 50-90 ms
 
+
 def _scale_graph(path: Path, factor: float) -> None:
     """y = x * factor, the factor a 4 kB inline initializer (the same file size for every factor;
     large enough that the cache stores it as external data)."""

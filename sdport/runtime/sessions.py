@@ -207,7 +207,7 @@ def session_options(provider: str, fused: bool) -> ort.SessionOptions:
     # Each session has its own pool, whose workers otherwise spin ~30 ms after every run: the text
     # encoder's then competes with the UNet's threads for the same cores, and the UNet's with the
     # VAE's. Stopped at the end of a run, a tiny model's 64 px image took 21 ms instead of 43-69
-    # (2 cores), a 256 px one 0.32 s instead of 0.37; SD 1.5-sized steps are unchanged.
+    # (2 cores); SD 1.5-sized steps are unchanged.
     options.add_session_config_entry("session.force_spinning_stop", "1")
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # SD graphs are one long chain
     # EXTENDED, not ALL: ALL adds the CPU layout transforms, which cost 7-13 s per session on an
