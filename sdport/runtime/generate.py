@@ -81,8 +81,9 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
         # Per UNet step (a scheduler step: pndm makes steps + 1, heun about 2 * steps), text
         # encoding included; the VAE decode is in the total only.
         per_step = (step_times[-1] - generating) / len(step_times) if step_times else 0.0
+        each = f"{per_step:.2f} s" if per_step >= 0.1 else f"{per_step * 1000:.1f} ms"  # a tiny model's: ~1 ms
         say(
-            f"{pipe.provider}: {len(step_times)} UNet steps at {per_step:.2f} s each, load "
+            f"{pipe.provider}: {len(step_times)} UNet steps at {each} each, load "
             f"{loaded - started:.1f} s, total {finished - started:.1f} s -> {', '.join(str(p) for p in paths)}"
         )
     return 0
