@@ -292,3 +292,19 @@ def test_optimum_layout_with_int64_timestep(tiny_onnx_dir, tiny_diffusers_dir, r
     assert optimum.manifest.source.startswith("optimum-style")
     ours, theirs = run_both(optimum, reference, monkeypatch, "pndm")
     compare(ours, theirs, "optimum layout, int64 [1] timestep, low_memory, pndm")
+
+
+def test_progress_bar_counts_evaluations_and_is_not_made_without_progress(tiny_onnx_dir, monkeypatch, capsys):
+    """progress=True shows a bar over the model evaluations; progress=False makes no bar at all
+    (even a disabled tqdm costs more than a tiny model's 1%-of-a-step overhead budget)."""
+    import sdport.runtime.pipeline as pipeline_module
+
+    made = []
+    real_tqdm = pipeline_module.tqdm
+    monkeypatch.setattr(pipeline_module, "tqdm", lambda *args, **kwargs: made.append(kwargs) or real_tqdm(*args, **kwargs))
+    pipe = Pipeline.load(tiny_onnx_dir, provider="cpu")
+    pipe.generate(PROMPT, steps=3, scheduler="pndm", progress=False)
+    assert made == [] and capsys.readouterr().err == ""
+    pipe.generate(PROMPT, steps=3, scheduler="pndm", progress=True)
+    assert [kwargs["total"] for kwargs in made] == [4]  # pndm: N + 1 evaluations
+    assert "4/4" in capsys.readouterr().err

@@ -402,6 +402,25 @@ def test_contract(name):
             np.testing.assert_allclose(ours.sigmas, sched.sigmas.numpy(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", available())
+def test_schedules_are_shared_by_config_value_and_read_only(name):
+    """A schedule is made once per (name, config values, steps): the same values in another dict
+    share it, a config edited in place gets its own (as diffusers computes it), and the shared
+    arrays can't be written through."""
+    config = dict(SD15)
+    first = schedule(name, config, 10)
+    assert schedule(name, dict(SD15), 10) is first
+    config["beta_end"] = 0.015
+    edited = schedule(name, config, 10)
+    assert edited is not first
+    np.testing.assert_allclose(edited.alphas_cumprod, reference_scheduler(name, config).alphas_cumprod.numpy(), rtol=1e-6)
+    assert not np.allclose(edited.alphas_cumprod, first.alphas_cumprod)
+    with pytest.raises(ValueError, match="read-only"):
+        first.timesteps[0] = 0
+    with pytest.raises(ValueError, match="read-only"):
+        first.alphas_cumprod[0] = 0
+
+
 def test_unknown_name_lists_known_ones():
     with pytest.raises(UsageError) as err:
         denoise("k_euler", SD15, model_fn, start_noise(), 5)
