@@ -18,7 +18,8 @@ is shared and noisy, so compare ratios, not absolute times across runs.
   memory        peak RSS of each process; sdport's low_memory mode (one component at a time);
                 the peak of its anonymous part (RssAnon: weights memory-mapped from a file are not
                 in it, and the kernel can reclaim those pages under pressure)
-  overhead      sdport's scheduler + Python time per step, as a share of the step
+  overhead      scheduler + Python time per step (the denoising loop outside the UNet), as a
+                share of the step, for sdport and for diffusers
   install       a fresh venv with sdport's base install vs one that can run diffusers (cached)
   int8 error    the int8 folder's image against the fp32 folder's, same seed
 
@@ -133,8 +134,29 @@ def worker_t2i_diffusers(model: str, size: int, steps: int, png: str, warm: int,
     pipe.set_progress_bar_config(disable=True)
     load = time.perf_counter() - t0
     ready_at = time.time()
+    # The same overhead sdport's row measures: the denoising loop's time outside the UNet, here
+    # from the first UNet call to the VAE decode (so the loop's own set-up before it is not
+    # counted against diffusers). On a GPU, time outside forward includes waiting for it.
+    loop = {"unet_s": 0.0, "evals": 0, "start": None, "end": None}
+    forward, decode = pipe.unet.forward, pipe.vae.decode
+
+    def timed_forward(*args, **kwargs):
+        t = time.perf_counter()
+        loop["start"] = loop["start"] or t
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            loop["unet_s"] += time.perf_counter() - t
+            loop["evals"] += 1
+
+    def timed_decode(*args, **kwargs):
+        loop["end"] = loop["end"] or time.perf_counter()
+        return decode(*args, **kwargs)
+
+    pipe.unet.forward, pipe.vae.decode = timed_forward, timed_decode
 
     def one(path: str) -> float:
+        loop.update(unet_s=0.0, evals=0, start=None, end=None)
         t = time.perf_counter()
         image = pipe(PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, height=size, width=size,
                      generator=torch.Generator(device).manual_seed(SEED)).images[0]
@@ -143,8 +165,15 @@ def worker_t2i_diffusers(model: str, size: int, steps: int, png: str, warm: int,
 
     first = one(png)
     png_at = time.time()
-    return {"load_s": load, "ready_at": ready_at, "first_s": first, "png_at": png_at,
-            **warm_images(lambda: one(png + ".warm.png"), warm)}
+    result = {"load_s": load, "ready_at": ready_at, "first_s": first, "png_at": png_at,
+              **warm_images(lambda: one(png + ".warm.png"), warm)}
+    return {**result, **overhead(loop["end"] - loop["start"], loop["unet_s"], loop["evals"])}
+
+
+def overhead(loop_s: float, unet_s: float, evals: int) -> dict:
+    """A denoising loop's time outside the UNet's runs: per evaluation, and as a share of the loop."""
+    return {"overhead_s_per_step": (loop_s - unet_s) / max(evals, 1), "overhead_share": (loop_s - unet_s) / loop_s,
+            "step_s": loop_s / max(evals, 1)}
 
 
 def worker_t2i_sdport(folder: str, size: int, steps: int, png: str, warm: int, low_memory: bool,
@@ -203,10 +232,7 @@ def worker_t2i_sdport(folder: str, size: int, steps: int, png: str, warm: int, l
     result = {"load_s": load, "ready_at": ready_at, "first_s": first, "png_at": png_at,
               **warm_images(lambda: one(png + ".warm.png")[0], warm)}
     loop = loops[-1]
-    result["overhead_s_per_step"] = (loop["loop_s"] - loop["unet_s"]) / max(loop["evals"], 1)
-    result["overhead_share"] = (loop["loop_s"] - loop["unet_s"]) / loop["loop_s"]
-    result["step_s"] = loop["loop_s"] / max(loop["evals"], 1)
-    return result
+    return {**result, **overhead(loop["loop_s"], loop["unet_s"], loop["evals"])}
 
 
 def worker_load_sdport(folder: str, provider: str = "cpu") -> dict:
@@ -570,9 +596,16 @@ def table(r: dict) -> str:
             t["fp32"].get("peak_anon_mb"), get(t, "int8", "peak_anon_mb"), "{:.0f}", "")
     row("  low_memory (one component at a time) (MB)", t["diffusers"]["peak_rss_mb"],
         t["fp32_low_memory"]["peak_rss_mb"], get(t, "int8_low_memory", "peak_rss_mb"), "{:.0f}", "well below 0.8x")
-    lines.append(f"| scheduler + Python overhead per step | - | {t['fp32']['overhead_s_per_step'] * 1000:.3g} ms = "
-                 f"{100 * t['fp32']['overhead_share']:.3f}% of a {t['fp32']['step_s'] * 1000:.4g} ms step | | "
-                 + (f"{100 * t['int8']['overhead_share']:.3f}%" if "int8" in t else "-") + " | | < 1% |")
+    def share(name: str) -> str:
+        o = t.get(name, {})
+        if "overhead_share" not in o:  # JSON of earlier runs has none for diffusers
+            return "-"
+        return f"{o['overhead_s_per_step'] * 1000:.3g} ms = {100 * o['overhead_share']:.3g}% of a {o['step_s'] * 1000:.4g} ms step"
+
+    ratio = (f"{t['fp32']['overhead_s_per_step'] / t['diffusers']['overhead_s_per_step']:.2f}x (per step)"
+             if "overhead_s_per_step" in t["diffusers"] else "")
+    lines.append(f"| scheduler + Python overhead per step | {share('diffusers')} | {share('fp32')} | {ratio} | "
+                 f"{share('int8')} | | < 1% |")
     if "install" in r:
         i = r["install"]
         lines.append(f"| install size, fresh venv (MB) | {i['diffusers']['mb']:.0f} (torch {r['machine'].get('torch', '')}, "
