@@ -24,7 +24,8 @@ import pytest
 from PIL import Image
 
 from sdport.cli import EXIT_INTERRUPTED, EXIT_USAGE, main
-from sdport.runtime import sessions
+from sdport.errors import SdportError
+from sdport.runtime import Pipeline, schedulers, sessions
 
 onnx = pytest.importorskip("onnx")
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -133,7 +134,7 @@ def test_sha256_mismatch_names_the_file(model, tmp_path, capsys):
 
 
 def test_sha256_cache_skips_unchanged_files_only(model, tmp_path, monkeypatch):
-    from sdport.runtime import Pipeline, checksums
+    from sdport.runtime import checksums
 
     monkeypatch.setenv("SDPORT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(checksums, "CACHE_MIN_BYTES", 0)
@@ -488,3 +489,27 @@ def test_live_exports_partial_folder_is_kept(tmp_path):
     other.mkdir()
     assert remove_stale_siblings(tmp_path / "out") == [dead]
     assert live.is_dir() and other.is_dir()
+
+
+@pytest.mark.parametrize("scheduler", schedulers.available())
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_one_bad_unet_value_is_named_by_every_scheduler(tiny_onnx_dir, monkeypatch, scheduler, value):
+    """The pipeline checks only the latents after each step and names the UNet when its output
+    was bad: so every scheduler must carry a single NaN or inf (here in the unconditional half)
+    into the latents of the step that evaluated it."""
+    real = sessions.Graph.run
+    runs = {"n": 0}
+
+    def run(self, feeds, last=False):
+        out = real(self, feeds, last=last)
+        if self.name == "unet":
+            runs["n"] += 1
+            if runs["n"] == 2:
+                out["out_sample"] = out["out_sample"].copy()
+                out["out_sample"][0, 1, 2, 3] = value
+        return out
+
+    monkeypatch.setattr(sessions.Graph, "run", run)
+    pipe = Pipeline.load(tiny_onnx_dir, provider="cpu")
+    with pytest.raises(SdportError, match="unet: output has NaN or inf at step 2 "):
+        pipe.generate("a fox", steps=3, scheduler=scheduler, seed=0, progress=False)
