@@ -141,6 +141,8 @@ def test_fp16_export_keeps_vae_fp32(tiny_diffusers_dir: Path, tmp_path: Path, mo
     weight_types = {t.data_type for t in unet.graph.initializer if len(t.dims) > 1}
     assert weight_types == {onnx.TensorProto.FLOAT16}
     assert unet.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp32 I/O
+    # A GPU folder keeps the residual Add + LayerNormalization fused (CPU ones don't: test_sessions).
+    assert "SkipLayerNormalization" in {node.op_type for node in unet.graph.node}
     assert manifest.graphs["unet"].parity["fp16"]["max_rel_error"] < export_folder.FP16_TOLERANCE
 
 

@@ -401,3 +401,23 @@ def test_writing_a_cache_entry_leaves_no_heap_behind(tmp_path, monkeypatch):
     before = _resident_mb()
     Graph("unet", path, "cpu", fused=True)
     assert _resident_mb() - before < 32
+
+
+def test_cpu_sessions_keep_residual_add_and_layer_norm_apart(tiny_onnx_dir, tmp_path, monkeypatch):
+    """onnxruntime's CPU SkipLayerNormalization ran 5-6x slower than the Add, Add and
+    LayerNormalization it fuses: an fp32 (CPU) export leaves them apart, and the CPU session's
+    own optimizers don't fuse them back (GPU folders keep the fusion: test_export)."""
+    onnx = pytest.importorskip("onnx")
+    from sdport.models.manifest import read_manifest
+    from sdport.runtime import sessions
+
+    def ops(path: Path) -> set[str]:
+        return {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
+
+    spec = read_manifest(tiny_onnx_dir).graphs["unet"]
+    path = check_graph_files(tiny_onnx_dir, spec.file)
+    assert "LayerNormalization" in ops(path) and "SkipLayerNormalization" not in ops(path)
+    monkeypatch.setenv("SDPORT_ORT_CACHE", str(tmp_path / "cache"))
+    _, optimized = sessions.open_session(path, "cpu", True, ["CPUExecutionProvider"])
+    assert optimized != path  # the pre-optimized cache's graph: what onnxruntime made of the file
+    assert "LayerNormalization" in ops(optimized) and "SkipLayerNormalization" not in ops(optimized)

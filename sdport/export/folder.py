@@ -137,7 +137,8 @@ def _optimize(traced: Path, stages: _Stages, work: Path, *, optimization: Optimi
         current = stages.run("simplified", lambda p: run(optimize.simplify, current, p),
                              work / "simplified" / "model.onnx", FP32_TOLERANCE)
     elif optimization == "ort":
-        current = stages.run("fused", lambda p: run(optimize.fuse_for_onnxruntime, current, p, name),
+        target = "gpu" if fp16 else "cpu"
+        current = stages.run("fused", lambda p: run(optimize.fuse_for_onnxruntime, current, p, name, target),
                              work / "fused" / "model.onnx", FP32_TOLERANCE)
     if half:
         current = stages.run("fp16", lambda p: run(optimize.to_fp16, current, p),
