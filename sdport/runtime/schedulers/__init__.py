@@ -98,21 +98,24 @@ def _setup(name: str, config: Mapping[str, Any], steps: int) -> tuple[Sampler, d
     return sampler, cfg, _cached_schedule(name, key, int(steps))
 
 
-# A pipeline asks for the same schedule several times per image (to validate the request, to
-# count the evaluations, to run them): made once, it is 20 us of Python instead of 60-200 us
-# (cold caches after a UNet run), which is a tiny model's whole 1% overhead budget per step.
+# A pipeline asks for the same schedule three times per image (to check the request, to count
+# the evaluations, to run them). Each making took 21 us, or 30-90 us right after a UNet run (cold
+# caches); a tiny model's step is 1.5 ms, so that alone was most of its 1% overhead budget.
 @functools.lru_cache(maxsize=64)
-def _cached_schedule(name: str, cfg_items: tuple[tuple[str, Any], ...], steps: int) -> Schedule:
-    sch = SAMPLERS[name].schedule(dict(cfg_items), steps)
+def _cached_schedule(name: str, cfg_items: tuple[tuple[str, str, Any], ...], steps: int) -> Schedule:
+    sch = SAMPLERS[name].schedule({key: value for key, _, value in cfg_items}, steps)
     for value in vars(sch).values():
         if isinstance(value, np.ndarray):
             value.flags.writeable = False  # shared by every caller now
     return sch
 
 
-def _hashable(cfg: Mapping[str, Any]) -> tuple[tuple[str, Any], ...] | None:
-    """cfg's items as a cache key (lists as tuples), or None if a value can't be hashed."""
-    items = tuple(sorted((key, tuple(value) if isinstance(value, list) else value) for key, value in cfg.items()))
+def _hashable(cfg: Mapping[str, Any]) -> tuple[tuple[str, str, Any], ...] | None:
+    """cfg's items as a cache key (lists as tuples), or None if a value can't be hashed. Types are
+    part of it: 1000 and 1000.0 are equal keys in Python, but may not make the same arrays."""
+    items = tuple(sorted(
+        (key, type(value).__name__, tuple(value) if isinstance(value, list) else value) for key, value in cfg.items()
+    ))
     try:
         hash(items)
     except TypeError:
