@@ -142,6 +142,24 @@ def test_strips_follow_the_transformed_size_at_the_native_size():
     assert winograd._strips([1, 1 << 16, 16, 512]) == 4  # no more strips than tile rows
 
 
+def test_the_winograd_branch_pads_inside_its_input_transform(tiny_onnx_dir: Path, plain_conv_dir: Path, tmp_path):
+    # onnxruntime's Pad runs on one thread (12 ms per 134 MB): the input transform's Conv pads
+    # instead, also in strips (their bit-exact results: the tests above).
+    strips = tmp_path / "strips.onnx"
+    _rewrite_all(plain_conv_dir / "vae_decoder" / "model.onnx", strips, min_tiles=1, strips=3)
+    for path in (tiny_onnx_dir / "vae_decoder" / "model.onnx", strips):
+        model = onnx.load(str(path))
+        branches = [g for node in model.graph.node if node.op_type == "If" and "/winograd/" in node.name
+                    for g in attribute_graphs(node) if g.name.endswith("/winograd/winograd")]
+        assert len(branches) == len(_records(path)) > 0
+        for branch in branches:
+            assert "Pad" not in {node.op_type for node in branch.node}
+            transforms = [node for node in branch.node if node.op_type == "Conv"]
+            assert transforms and all(
+                any(a.name == "pads" and max(a.ints) == winograd.TILE for a in node.attribute) for node in transforms
+            )
+
+
 def _assert_restores_exactly(rewritten_path: Path, plain_path: Path) -> None:
     rewritten = onnx.load(str(rewritten_path))
     assert winograd.restore_convs(rewritten) == len(_records(rewritten_path)) > 0

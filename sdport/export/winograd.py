@@ -6,7 +6,8 @@ at the folder's native size has at least MIN_TILES 4x4 output tiles becomes stan
 operators, any runtime can run them, under an If that picks per run by the actual input:
 
   Winograd, with at least MIN_TILES tiles (and a tile row per strip, below):
-    input tiles:  Pad, then a 6x6 stride-4 Conv with the fixed B^T.d.B kernels -> 36 planes
+    input tiles:  a 6x6 stride-4 Conv (padding the input itself) with the fixed B^T.d.B kernels
+                  -> 36 planes
     products:     one batched MatMul per 6x6 tile position, U[36, K, C] @ V[36, C, tiles]
     output tiles: MatMul with the fixed A^T.m.A rows, then DepthToSpace back to NCHW
   the direct sum over the 9 taps, with fewer (the 16x16 level of a 512 px UNet at 256 px).
@@ -262,27 +263,31 @@ class _Builder:
         tiles, tile_rows, tile_cols = tile_grid
         nodes: list[onnx.NodeProto] = []
         n = _node_maker(nodes, p)
-        # Tiles cover the input padded by 1 (the conv's own padding) and up to a multiple of 4.
-        covered = n("Mul", [tiles, ints(TILE)], "covered")
-        pad_end = n("Sub", [n("Add", [covered, ints(1)], "covered_1"), hw], "pad_end")  # 1 + 4h - H
-        pads = n("Concat", [ints(0, 0, 1, 1, 0, 0), pad_end], "pads", axis=0)
-        padded = n("Pad", [x, pads], "padded")
+        # No Pad node: the input transform's Conv pads by itself (_Products.tiles). onnxruntime's
+        # Pad runs on one thread: 12 ms per 134 MB, 0.17 s of a 512 px VAE decode.
         batch = n("Slice", [n("Shape", [x], "x_shape"), ints(0), ints(1)], "batch")
         products = _Products(self, n, batch, out_channels, in_channels, live_taps)
         if strips == 1:
-            out = products.tiles(padded, tiles, "")
+            out = products.tiles(x, tiles, "", first=True, last=True)
         else:
-            # Strip i: tile rows [i*R/S, (i+1)*R/S) of R, reading the padded rows they cover (+2).
+            # Strip i: tile rows [i*R/S, (i+1)*R/S) of R. Its tiles read the input rows from 1 above
+            # its first output row to 1 below its last: 4 * rows + 2, less the picture's own edges.
             bounds = [n("Div", [n("Mul", [tile_rows, ints(i)], f"rows_x{i}"), ints(strips)], f"row{i}")
                       for i in range(1, strips)]
             bounds = [ints(0)] + bounds + [tile_rows]
+            height = n("Slice", [hw, ints(0), ints(1)], "height")
             outs = []
             for i, (first, end) in enumerate(zip(bounds, bounds[1:])):
-                top = n("Mul", [first, ints(TILE)], f"strip{i}_top")
-                bottom = n("Add", [n("Mul", [end, ints(TILE)], f"strip{i}_end"), ints(2)], f"strip{i}_bottom")
-                strip = n("Slice", [padded, top, bottom, ints(2)], f"strip{i}")
+                # Max: a strip that never runs (fewer tile rows than strips) may start at row 0; -1
+                # would count from the end, and a static-shape graph's inference fails on 0 rows.
+                top = ints(0) if i == 0 else n("Max", [n("Sub", [n("Mul", [first, ints(TILE)], f"strip{i}_first"),
+                                                                 ints(1)], f"strip{i}_above"), ints(0)], f"strip{i}_top")
+                bottom = height if i == strips - 1 else n("Add", [n("Mul", [end, ints(TILE)], f"strip{i}_end"),
+                                                                  ints(1)], f"strip{i}_bottom")
+                strip = n("Slice", [x, top, bottom, ints(2)], f"strip{i}")
                 rows = n("Sub", [end, first], f"strip{i}_rows")
-                outs.append(products.tiles(strip, n("Concat", [rows, tile_cols], f"strip{i}_tiles", axis=0), f"_s{i}"))
+                outs.append(products.tiles(strip, n("Concat", [rows, tile_cols], f"strip{i}_tiles", axis=0), f"_s{i}",
+                                           first=i == 0, last=i == strips - 1))
             out = n("Concat", outs, "covered_out", axis=2)
         n("Slice", [out, ints(0, 0), hw, ints(2, 3)], "winograd_out")
         return _branch(p + "winograd", nodes, p + "winograd_out")
@@ -338,16 +343,23 @@ class _Products:
             self.u[start] = self.n("Reshape", [flat, self.builder.ints(POSITIONS, size, self.in_channels)], f"u{start}")
         return self.u[start]
 
-    def tiles(self, padded: str, tiles: str, suffix: str) -> str:
-        """[N, K, 4 * tile rows, 4 * tile cols] from `padded` ([N, C, 4 * rows + 2, 4 * cols + 2])."""
+    def tiles(self, rows: str, tiles: str, suffix: str, first: bool, last: bool) -> str:
+        """[N, K, 4 * tile rows, 4 * tile cols] from the input `rows` that these tiles read.
+
+        `first` / `last`: whether they hold the picture's top / bottom edge. There the rows get
+        the conv's padding of 1 above, and 4 below (3 more than the conv's own, so that ceil(H / 4)
+        tile rows fit whatever the height; the 3 are cropped off after the products). Columns
+        are always whole, padded 1 left and 4 right.
+        """
         n, ints, c = self.n, self.builder.ints, self.builder.constant
         k, channels = self.out_channels, self.in_channels
-        planes = n("Reshape", [padded, ints(-1, 1, 0, 0)], f"planes{suffix}")  # [N*C, 1, ...]
+        planes = n("Reshape", [rows, ints(-1, 1, 0, 0)], f"planes{suffix}")  # [N*C, 1, ...]
         count = n("ReduceProd", [tiles], f"tile_count{suffix}", keepdims=1)
 
         # Input transform: 36 planes per channel, one value per tile -> [N, 36, C, tiles].
         v = n("Conv", [planes, c("winograd/input_kernels", input_kernels())], f"v{suffix}",
-              kernel_shape=[TILE + 2, TILE + 2], strides=[TILE, TILE])
+              kernel_shape=[TILE + 2, TILE + 2], strides=[TILE, TILE],
+              pads=[1 if first else 0, 1, TILE if last else 0, TILE])
         # The batch is given, not -1: where a graph's shapes are static, onnxruntime infers shapes
         # through strips that never run (fewer tile rows than strips), and -1 next to a 0 fails.
         v_shape = n("Concat", [self.batch, ints(channels, POSITIONS), count], f"v_shape{suffix}", axis=0)
