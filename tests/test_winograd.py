@@ -144,7 +144,7 @@ def test_strips_follow_the_transformed_size_at_the_native_size():
 
 def test_the_winograd_branch_pads_inside_its_input_transform(tiny_onnx_dir: Path, plain_conv_dir: Path, tmp_path):
     # onnxruntime's Pad runs on one thread (12 ms per 134 MB): the input transform's Conv pads
-    # instead, also in strips (their bit-exact results: the tests above).
+    # instead, also in strips (their results against PyTorch's: the tests above).
     strips = tmp_path / "strips.onnx"
     _rewrite_all(plain_conv_dir / "vae_decoder" / "model.onnx", strips, min_tiles=1, strips=3)
     for path in (tiny_onnx_dir / "vae_decoder" / "model.onnx", strips):

@@ -347,9 +347,9 @@ class _Products:
         """[N, K, 4 * tile rows, 4 * tile cols] from the input `rows` that these tiles read.
 
         `first` / `last`: whether they hold the picture's top / bottom edge. There the rows get
-        the conv's padding of 1 above, and 4 below (3 more than the conv's own, so that ceil(H / 4)
-        tile rows fit whatever the height; the 3 are cropped off after the products). Columns
-        are always whole, padded 1 left and 4 right.
+        the conv's padding of 1 above, and 4 below: 3 more than the conv's own, so that ceil(H / 4)
+        tile rows fit whatever the height (what tiles cover past the picture is cropped after the
+        products). Columns are always whole, padded 1 left and 4 right.
         """
         n, ints, c = self.n, self.builder.ints, self.builder.constant
         k, channels = self.out_channels, self.in_channels
