@@ -142,9 +142,11 @@ def test_strips_follow_the_transformed_size_at_the_native_size():
     assert winograd._strips([1, 1 << 16, 16, 512]) == 4  # no more strips than tile rows
 
 
-def test_the_winograd_branch_pads_inside_its_input_transform(tiny_onnx_dir: Path, plain_conv_dir: Path, tmp_path):
-    # onnxruntime's Pad runs on one thread (12 ms per 134 MB): the input transform's Conv pads
-    # instead, also in strips (their results against PyTorch's: the tests above).
+def test_the_winograd_branch_copies_no_padded_input_and_crops_only_past_the_edge(tiny_onnx_dir: Path,
+                                                                                 plain_conv_dir: Path, tmp_path):
+    # onnxruntime's Pad and Slice run on one thread (12 and 7 ms per 134 MB): the input
+    # transform's Conv pads instead, also in strips, and the output is cropped only where the
+    # tiles pass the edge (the results of both, against PyTorch's: the tests above).
     strips = tmp_path / "strips.onnx"
     _rewrite_all(plain_conv_dir / "vae_decoder" / "model.onnx", strips, min_tiles=1, strips=3)
     for path in (tiny_onnx_dir / "vae_decoder" / "model.onnx", strips):
@@ -158,6 +160,10 @@ def test_the_winograd_branch_pads_inside_its_input_transform(tiny_onnx_dir: Path
             assert transforms and all(
                 any(a.name == "pads" and max(a.ints) == winograd.TILE for a in node.attribute) for node in transforms
             )
+            crop = next(node for node in branch.node if node.output[0] == branch.output[0].name)
+            exact, cropped = (next(a.g for a in crop.attribute if a.name == name) for name in ("then_branch", "else_branch"))
+            assert crop.op_type == "If" and [n.op_type for n in exact.node] == ["Identity"]
+            assert [n.op_type for n in cropped.node] == ["Slice"]
 
 
 def _assert_restores_exactly(rewritten_path: Path, plain_path: Path) -> None:
