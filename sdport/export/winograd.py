@@ -268,7 +268,10 @@ class _Builder:
         batch = n("Slice", [n("Shape", [x], "x_shape"), ints(0), ints(1)], "batch")
         products = _Products(self, n, batch, out_channels, in_channels, live_taps)
         if strips == 1:
-            out = products.tiles(x, tiles, "", first=True, last=True)
+            blocks = products.tiles(x, tiles, "", first=True, last=True)
+
+            def covered(m, output: str) -> str:
+                return _tiles_to_nchw(m, blocks, output)
         else:
             # Strip i: tile rows [i*R/S, (i+1)*R/S) of R. Its tiles read the input rows from 1 above
             # its first output row to 1 below its last: 4 * rows + 2, less the picture's own edges.
@@ -286,19 +289,24 @@ class _Builder:
                                                                   ints(1)], f"strip{i}_bottom")
                 strip = n("Slice", [x, top, bottom, ints(2)], f"strip{i}")
                 rows = n("Sub", [end, first], f"strip{i}_rows")
-                outs.append(products.tiles(strip, n("Concat", [rows, tile_cols], f"strip{i}_tiles", axis=0), f"_s{i}",
-                                           first=i == 0, last=i == strips - 1))
-            out = n("Concat", outs, "covered_out", axis=2)
+                blocks = products.tiles(strip, n("Concat", [rows, tile_cols], f"strip{i}_tiles", axis=0), f"_s{i}",
+                                        first=i == 0, last=i == strips - 1)
+                outs.append(_tiles_to_nchw(n, blocks, f"covered_out_s{i}"))
+
+            def covered(m, output: str) -> str:
+                return m("Concat", outs, output, axis=2)
         # The tiles cover 4 * ceil(H / 4) rows and columns: cropped to H x W where that is more.
-        # Where it is not (SD's usual sizes), an If hands the tiles' output on without the copy a
-        # Slice of the whole tensor makes (one thread, 7 ms per 134 MB).
-        extra = n("ReduceSum", [n("Sub", [n("Mul", [tiles, ints(TILE)], "covered"), hw], "past_edge")],
+        # An If makes the covered output in each of its branches, so that where the tiles end at
+        # the edge (SD's usual sizes) no Slice or Identity copies the whole tensor (one thread, 7
+        # ms per 134 MB: an If's branch output that is an outer value is copied).
+        extra = n("ReduceSum", [n("Sub", [n("Mul", [tiles, ints(TILE)], "covered_size"), hw], "past_edge")],
                   "extra", keepdims=0)
         is_exact = n("Equal", [extra, self.constant("winograd/zero", np.array(0, np.int64))], "exact")
         exact_nodes: list[onnx.NodeProto] = []
-        exact = _node_maker(exact_nodes, p)("Identity", [out], "exact_out")
+        exact = covered(_node_maker(exact_nodes, p), "exact_out")
         cropped_nodes: list[onnx.NodeProto] = []
-        cropped = _node_maker(cropped_nodes, p)("Slice", [out, ints(0, 0), hw, ints(2, 3)], "cropped_out")
+        m = _node_maker(cropped_nodes, p)
+        cropped = m("Slice", [covered(m, "covered_out"), ints(0, 0), hw, ints(2, 3)], "cropped_out")
         n("If", [is_exact], "winograd_out", then_branch=_branch(p + "exact", exact_nodes, exact),
           else_branch=_branch(p + "cropped", cropped_nodes, cropped))
         return _branch(p + "winograd", nodes, p + "winograd_out")
@@ -355,7 +363,8 @@ class _Products:
         return self.u[start]
 
     def tiles(self, rows: str, tiles: str, suffix: str, first: bool, last: bool) -> str:
-        """[N, K, 4 * tile rows, 4 * tile cols] from the input `rows` that these tiles read.
+        """[N, 16 * K, tile rows, tile cols], each tile's 4x4 outputs as the blocks of
+        `_tiles_to_nchw`, from the input `rows` that these tiles read.
 
         `first` / `last`: whether they hold the picture's top / bottom edge. There the rows get
         the conv's padding of 1 above, and 4 below: 3 more than the conv's own, so that ceil(H / 4)
@@ -382,16 +391,20 @@ class _Products:
                  for (start, size), taps in zip(channel_slices(k, channels), self.live_taps)]
         m = parts[0] if len(parts) == 1 else n("Concat", parts, f"m{suffix}", axis=2)
 
-        # Output transform: 4x4 outputs per tile, back to NCHW.
+        # Output transform: 4x4 outputs per tile.
         k_count = n("Mul", [count, ints(k)], f"k_count{suffix}")
         m = n("Reshape", [m, n("Concat", [self.batch, ints(POSITIONS), k_count], f"m_shape{suffix}", axis=0)],
               f"m_flat{suffix}")
         t = n("MatMul", [c("winograd/output_rows", output_rows()), m], f"out_tiles{suffix}")  # [N, 16, K*tiles]
-        # Row a*4+b of a tile's outputs is the block offset (a, b) of DepthToSpace's DCR order; it
-        # ran 4.6x faster than the same Reshape + 6-D Transpose (0.25 s of a 512 px UNet step).
         t_shape = n("Concat", [self.batch, ints(TILE * TILE * k), tiles], f"t_shape{suffix}", axis=0)
-        return n("DepthToSpace", [n("Reshape", [t, t_shape], f"t_blocks{suffix}")], f"covered_out{suffix}",
-                 blocksize=TILE, mode="DCR")
+        return n("Reshape", [t, t_shape], f"t_blocks{suffix}")
+
+
+def _tiles_to_nchw(n, blocks: str, output: str) -> str:
+    """[N, K, 4 * tile rows, 4 * tile cols] from `_Products.tiles`' blocks."""
+    # Row a*4+b of a tile's outputs is the block offset (a, b) of DepthToSpace's DCR order; it
+    # ran 4.6x faster than the same Reshape + 6-D Transpose (0.25 s of a 512 px UNet step).
+    return n("DepthToSpace", [blocks], output, blocksize=TILE, mode="DCR")
 
 
 def _node_maker(nodes: list[onnx.NodeProto], prefix: str):
