@@ -161,7 +161,8 @@ def test_the_winograd_branch_copies_no_padded_input_and_crops_only_past_the_edge
                 any(a.name == "pads" and max(a.ints) == winograd.TILE for a in node.attribute) for node in transforms
             )
             crop = next(node for node in branch.node if node.output[0] == branch.output[0].name)
-            exact, cropped = (next(a.g for a in crop.attribute if a.name == name) for name in ("then_branch", "else_branch"))
+            exact, cropped = (next(a.g for a in crop.attribute if a.name == name)
+                              for name in ("then_branch", "else_branch"))
             # Each branch makes the covered output itself (an If copies a branch output made outside).
             assembled = [n.op_type for n in exact.node]
             assert crop.op_type == "If" and assembled in (["DepthToSpace"], ["Concat"])

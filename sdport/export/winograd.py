@@ -9,7 +9,8 @@ operators, any runtime can run them, under an If that picks per run by the actua
     input tiles:  a 6x6 stride-4 Conv (padding the input itself) with the fixed B^T.d.B kernels
                   -> 36 planes
     products:     one batched MatMul per 6x6 tile position, U[36, K, C] @ V[36, C, tiles]
-    output tiles: MatMul with the fixed A^T.m.A rows, then DepthToSpace back to NCHW
+    output tiles: MatMul with the fixed A^T.m.A rows, then DepthToSpace back to NCHW, cropped
+                  only where the tiles pass the input's edge
   the direct sum over the 9 taps, with fewer (the 16x16 level of a 512 px UNet at 256 px).
 
 Where the transformed input V would pass MAX_STRIP_BYTES at the native size, the tiles go
@@ -283,8 +284,10 @@ class _Builder:
             for i, (first, end) in enumerate(zip(bounds, bounds[1:])):
                 # Max: a strip that never runs (fewer tile rows than strips) may start at row 0; -1
                 # would count from the end, and a static-shape graph's inference fails on 0 rows.
-                top = ints(0) if i == 0 else n("Max", [n("Sub", [n("Mul", [first, ints(TILE)], f"strip{i}_first"),
-                                                                 ints(1)], f"strip{i}_above"), ints(0)], f"strip{i}_top")
+                top = ints(0)
+                if i > 0:
+                    above = n("Sub", [n("Mul", [first, ints(TILE)], f"strip{i}_first"), ints(1)], f"strip{i}_above")
+                    top = n("Max", [above, ints(0)], f"strip{i}_top")
                 bottom = height if i == strips - 1 else n("Add", [n("Mul", [end, ints(TILE)], f"strip{i}_end"),
                                                                   ints(1)], f"strip{i}_bottom")
                 strip = n("Slice", [x, top, bottom, ints(2)], f"strip{i}")
