@@ -353,6 +353,29 @@ def test_session_cache_follows_changes_to_the_graph_file(tmp_path, monkeypatch, 
         assert entries[2] == entries[0]
 
 
+def test_session_cache_drops_the_entries_of_graphs_that_are_gone(tmp_path, monkeypatch):
+    """Each entry is a full copy of its graph's weights: when one is written, those whose graph file
+    no longer exists (a deleted folder) go, and those of graphs still there stay."""
+    pytest.importorskip("onnx")
+    from sdport.runtime import sessions
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SDPORT_ORT_CACHE", str(cache))
+    kept, deleted, new = (tmp_path / name / "model.onnx" for name in ("kept", "deleted", "new"))
+    for path, factor in ((kept, 2.0), (deleted, 3.0), (new, 4.0)):
+        path.parent.mkdir()
+        _scale_graph(path, factor)
+    keys = {path: sessions.graph_cache_key(path, True) for path in (kept, deleted, new)}
+    for path in (kept, deleted):
+        sessions.Graph("unet", path, "cpu", fused=True)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([keys[kept], keys[deleted]])
+    deleted.unlink()
+    sessions.Graph("unet", new, "cpu", fused=True)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([keys[kept], keys[new]])
+    x = np.arange(1024, dtype=np.float32)
+    assert np.array_equal(sessions.Graph("unet", kept, "cpu", fused=True).run({"x": x})["y"], 2 * x)
+
+
 def test_session_cache_keeps_an_entry_per_provider(tmp_path, monkeypatch):
     """One graph run on the CPU and on CUDA has a pre-optimized entry for each (each provider saves
     its own fusions; the key names the provider and its hardware), and writing one leaves the other."""
