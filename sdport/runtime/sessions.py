@@ -637,9 +637,10 @@ def _preoptimize(path: Path, entry: Path, provider: str, fused: bool, providers:
                 continue
             try:
                 old_from = {"provider": "cpu", **json.loads((old / "source.json").read_text())}
-            except (OSError, ValueError):
+            except (OSError, ValueError, TypeError):  # not an entry of ours, or written half
                 continue
-            if old_from == made_from or not Path(old_from["source"]).exists():
+            source = old_from.get("source")
+            if old_from == made_from or (isinstance(source, str) and not Path(source).exists()):
                 shutil.rmtree(old, ignore_errors=True)
         try:
             tmp.rename(entry)
