@@ -628,10 +628,10 @@ def _preoptimize(path: Path, entry: Path, provider: str, fused: bool, providers:
         _trim_heap()
         made_from = {"source": str(Path(path).resolve()), "provider": provider}
         (tmp / "source.json").write_text(json.dumps(made_from) + "\n")
-        # Entries made from this same source file for this provider are stale now, and so are
-        # those whose source file is gone (a deleted or re-exported folder): drop them, as each is
-        # a full copy of its weights (3.4 GB for an SD 1.5 UNet). The other provider's entry stays:
-        # one machine may run both.
+        # Entries made from this same source file for this provider are stale now (the file was
+        # exported again or changed), and so are those whose source file is gone (a deleted
+        # folder): drop them, as each is a full copy of its weights (3.4 GB for an SD 1.5 UNet).
+        # The other provider's entry stays: one machine may run both.
         for old in entry.parent.iterdir():
             if old.name.startswith(".") or old == entry:
                 continue
