@@ -40,14 +40,24 @@ def test_unknown_or_missing_provider_is_a_usage_error():
     reason="CUDAExecutionProvider not installed (needs onnxruntime-gpu and an NVIDIA GPU)",
 )
 def test_cuda_generates_like_cpu(tiny_onnx_dir):
-    # Exercises the I/O-binding path (text embeddings kept on the GPU between steps).
+    # Each input shape runs on device buffers of its own, the text embeddings copied in only when
+    # they change: new prompts must reach a shape already run, and going back to a size must reuse
+    # its buffers with the current inputs.
     kwargs = dict(steps=4, scheduler="euler", output="np", progress=False, seed=1)
-    on_gpu = Pipeline.load(tiny_onnx_dir, provider="cuda").generate("a fox", **kwargs)
-    on_cpu = Pipeline.load(tiny_onnx_dir, provider="cpu").generate("a fox", **kwargs)
-    # CUDA runs fp32 convolutions and matmuls in TF32 (sessions.cuda_provider_options): on an H100
-    # pixels moved by up to 7.4e-3 (mean 7e-4) from the CPU's, by 3.5e-6 with TF32 turned off.
-    difference = np.abs(on_gpu - on_cpu)
-    assert difference.max() < 2e-2 and difference.mean() < 2e-3, (difference.max(), difference.mean())
+    on_gpu = Pipeline.load(tiny_onnx_dir, provider="cuda")
+    on_cpu = Pipeline.load(tiny_onnx_dir, provider="cpu")
+    requests = [("a fox", 64, 1, 7.5), ("a red fox", 64, 1, 7.5), ("a fox", 128, 1, 7.5),
+                ("a fox", 64, 2, 7.5), ("a fox", 64, 1, 1.0), ("a red fox", 64, 1, 7.5)]
+    for prompt, size, count, guidance in requests:
+        request = dict(width=size, height=size, num_images=count, guidance=guidance, **kwargs)
+        got, want = on_gpu.generate(prompt, **request), on_cpu.generate(prompt, **request)
+        # CUDA runs fp32 convolutions and matmuls in TF32 (sessions.cuda_provider_options): on an H100
+        # pixels moved by up to 7.4e-3 (mean 7e-4) from the CPU's, by 3.5e-6 with TF32 turned off.
+        # A stale input would show: "a fox" and "a red fox" differ by up to 0.13 here.
+        difference = np.abs(got - want)
+        assert difference.max() < 2e-2 and difference.mean() < 2e-3, (prompt, size, count, guidance,
+                                                                       difference.max(), difference.mean())
+    assert len(on_gpu._graphs["unet"]._device_runs.slots) == 4  # 64 px x2, 128 px x2, 64 px x4, 64 px x1
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +88,8 @@ def test_cuda_graphs_replay_what_plain_cuda_runs(tiny_fp16_dir, tiny_onnx_dir):
         # Equal on an H100; the margin is for cuDNN picking other TF32 algorithms in another session.
         # A stale input would show: "a fox" and "a red fox" differ by up to 0.13 here.
         np.testing.assert_allclose(got, want, atol=2e-3, err_msg=f"{prompt!r} {size}px x{count} g={guidance}")
-    assert not unet._captured.failed
-    assert len(unet._captured.slots) == 4  # 64 px x2, 128 px x2, 64 px x4, 64 px x1 (no guidance)
+    assert not unet._device_runs.failed
+    assert len(unet._device_runs.slots) == 4  # 64 px x2, 128 px x2, 64 px x4, 64 px x1 (no guidance)
     assert not Pipeline.load(tiny_fp16_dir, provider="cuda", low_memory=True, cuda_graphs=True).cuda_graphs
     # An fp32 folder's UNet opens without them (with a note) and still generates.
     fallback = Pipeline.load(tiny_onnx_dir, provider="cuda", cuda_graphs=True)

@@ -23,7 +23,7 @@ from sdport.cache import cache_root
 from sdport.errors import SdportError, UsageError, first_line
 from sdport.models.manifest import ManifestError, inside
 from sdport.runtime import checksums
-from sdport.runtime.cuda_graphs import CapturedRuns
+from sdport.runtime.device_runs import DeviceRuns
 
 ProviderName = Literal["auto", "cpu", "cuda", "dml"]
 
@@ -391,26 +391,26 @@ def _ports(args) -> tuple[Port, ...]:
 class Graph:
     """One ONNX graph in a session, run on numpy arrays.
 
-    On CUDA, inputs that stay fixed for many runs (the text embeddings) can be put on the device
-    once with `keep_on_device` and are then bound there with onnxruntime's I/O binding; the rest
-    is copied in per run. (The schedulers are NumPy, so the latents cross to the host each step.)
-    With `cuda_graph` (CUDA only) it runs as captured CUDA graphs (cuda_graphs.CapturedRuns); a
-    graph that can't be captured opens without them, with a note on stderr.
+    On CUDA each input shape runs on device buffers of its own (device_runs.DeviceRuns): inputs are
+    copied into them in place, and inputs that stay fixed for many runs (the text embeddings, put
+    there with `keep_on_device`) only when they change. (The schedulers are NumPy, so the latents
+    cross to the host each step.) With `cuda_graph` the runs are captured as CUDA graphs; a graph
+    that can't be captured opens without them, with a note on stderr.
     """
 
     def __init__(self, name: str, path: Path, provider: str, fused: bool, cuda_graph: bool = False) -> None:
         self.name = name
         self.path = path
         self.provider = provider
-        self._captured: CapturedRuns | None = None
+        self._device_runs: DeviceRuns | None = None
         if provider == "cuda" and cuda_graph:
             try:
                 session, loaded = self._new_session(path, provider, fused, {"enable_cuda_graph": "1"})
-                self._captured = CapturedRuns(name, session)
+                self._device_runs = DeviceRuns(name, session, captured=True)
             except Exception as exc:  # noqa: BLE001 - e.g. nodes left on the CPU: open it without
                 print(f"{name}: no CUDA graphs for this graph ({first_line(exc)}); running without them",
                       file=sys.stderr)
-        if self._captured is None:
+        if self._device_runs is None:
             try:
                 session, loaded = self._new_session(path, provider, fused)
             except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
@@ -418,6 +418,8 @@ class Graph:
                     f"{name}: onnxruntime could not load {path} ({first_line(exc)}); if it uses operators "
                     f"this onnxruntime lacks, re-export with --portable or upgrade onnxruntime"
                 ) from exc
+            if provider == "cuda":
+                self._device_runs = DeviceRuns(name, session, captured=False)
         self.session = session
         self.inputs = _ports(self.session.get_inputs())
         self.outputs = _ports(self.session.get_outputs())
@@ -427,8 +429,7 @@ class Graph:
         self.weight_files = weight_files(loaded) if provider == "cpu" else frozenset()
         small = sum(map(os.path.getsize, self.weight_files)) < RELEASE_MIN_BYTES
         self._released_files = frozenset() if small else self.weight_files
-        self._device: dict[str, ort.OrtValue] = {}
-        self._kept: dict[str, np.ndarray] = {}  # with CUDA graphs: kept inputs, numbered by version
+        self._kept: dict[str, np.ndarray] = {}  # on CUDA: inputs kept for many runs, numbered by version
         self._kept_versions: dict[str, int] = {}
         self._release_options = None
         # After a run with these options the arena hands its free memory back (to the OS, or to
@@ -436,7 +437,7 @@ class Graph:
         # the VAE decode. On CPU only fused graphs run with an arena (session_options). Never
         # with CUDA graphs: their replays use the arena's memory at the addresses of the capture.
         arena = {"cpu": "cpu:0" if fused else None, "cuda": "gpu:0"}.get(provider)
-        if arena and self._captured is None:
+        if arena and not self.cuda_graphs:
             self._release_options = ort.RunOptions()
             self._release_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", arena)
 
@@ -458,25 +459,21 @@ class Graph:
 
     @property
     def cuda_graphs(self) -> bool:
-        """Whether this graph runs as captured CUDA graphs (cuda_graphs.py)."""
-        return self._captured is not None
+        """Whether this graph runs as captured CUDA graphs (device_runs.py)."""
+        return self._device_runs is not None and self._device_runs.captured
 
     def input(self, name: str) -> Port:
         return next(p for p in self.inputs if p.name == name)
 
     def keep_on_device(self, name: str, value: np.ndarray) -> None:
-        """Copies `value` to the GPU once for input `name` (CUDA only; otherwise a no-op)."""
-        if self.provider != "cuda":
+        """Keeps `value` for input `name` until `release_device`: copied to the GPU at the next run
+        of each input shape, then no more (CUDA only; otherwise a no-op)."""
+        if self._device_runs is None:
             return
-        array = np.array(value, dtype=self.input(name).dtype, order="C")
-        if self._captured is not None:  # copied into each input shape's own buffer when it runs
-            self._kept[name] = array
-            self._kept_versions[name] = self._kept_versions.get(name, 0) + 1
-        else:
-            self._device[name] = ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
+        self._kept[name] = np.array(value, dtype=self.input(name).dtype, order="C")
+        self._kept_versions[name] = self._kept_versions.get(name, 0) + 1
 
     def release_device(self) -> None:
-        self._device.clear()
         self._kept.clear()
 
     def run(self, feeds: dict[str, np.ndarray], last: bool = False) -> dict[str, np.ndarray]:
@@ -489,28 +486,18 @@ class Graph:
         """
         cast = {}
         for port in self.inputs:
-            if port.name in self._device:
-                continue
             if port.name in self._kept:
                 cast[port.name] = self._kept[port.name]
                 continue
             value = np.asarray(feeds[port.name], dtype=port.dtype)
             # Not np.ascontiguousarray: it turns a 0-d array (a scalar timestep) into shape (1,).
             cast[port.name] = value if value.flags.c_contiguous else value.copy()
-        if self._captured is not None:
-            results = self._captured.run(cast, {name: self._kept_versions[name] for name in self._kept})
-        elif self._device:
-            binding = self.session.io_binding()
-            for name, value in cast.items():
-                binding.bind_cpu_input(name, value)
-            for name, value in self._device.items():
-                binding.bind_ortvalue_input(name, value)
-            for port in self.outputs:
-                binding.bind_output(port.name, "cpu")
-            self.session.run_with_iobinding(binding, self._release_options if last else None)
-            results = binding.copy_outputs_to_cpu()
+        options = self._release_options if last else None
+        if self._device_runs is not None:
+            versions = {name: self._kept_versions[name] for name in self._kept}
+            results = self._device_runs.run(cast, versions, options)
         else:
-            results = self.session.run(None, cast, self._release_options if last else None)
+            results = self.session.run(None, cast, options)
         if last:
             release_mapped_pages(self._released_files)
         return {

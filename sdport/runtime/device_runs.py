@@ -1,14 +1,17 @@
-"""Running a graph as captured CUDA graphs (onnxruntime's `enable_cuda_graph`).
+"""Running a CUDA session on fixed device buffers, one set per input shape, optionally as captured
+CUDA graphs (onnxruntime's `enable_cuda_graph`).
+
+Plain `session.run` on CUDA allocates device memory for every input and output and copies through
+it on each run; a new I/O binding per run did the same. Here each input shape gets device buffers
+and a binding once: a run copies the changed inputs into them in place and reads the outputs back.
 
 A UNet step launches hundreds of kernels. Captured once and then replayed as one CUDA graph, it
 spends less of the step launching them: an SD 1.5 UNet step in fp16 at batch 2 took 8.1 ms
 instead of 10.6 at 256 px and 12.6 instead of 14.9 at 512 (H100, benchmarks/bench_gpu.py).
-
-A replay reads and writes the device addresses it was captured with, so each input shape gets
-its own device buffers and its own graph (onnxruntime's `gpu_graph_id` run option): the inputs
-are copied into those buffers in place and the outputs read back from them. The intermediate
-tensors live in the session's arena at the addresses of the capture, so that arena must never
-shrink (Graph.run passes no shrink option to such a session).
+A replay reads and writes the device addresses it was captured with, which the fixed buffers
+give it, and each input shape gets its own graph (onnxruntime's `gpu_graph_id` run option). The
+intermediate tensors live in the session's arena at the addresses of the capture, so that arena
+must never shrink (Graph.run passes no shrink option to such a session).
 """
 
 from __future__ import annotations
@@ -38,41 +41,47 @@ class _Slot:
     binding: ort.IOBinding
     inputs: dict[str, ort.OrtValue]
     outputs: list[ort.OrtValue]
-    options: ort.RunOptions
+    options: ort.RunOptions | None  # a captured graph's id; None for a plain session
     versions: dict[str, int] = field(default_factory=dict)  # kept input -> version uploaded
 
 
-class CapturedRuns:
-    """Runs one CUDA session (made with `enable_cuda_graph`) on fixed device buffers per input shape.
+class DeviceRuns:
+    """Runs one CUDA session on fixed device buffers per input shape.
 
-    The first run of a shape runs as usual (it also tells the output shapes); onnxruntime captures
-    the graph at a later run of that shape and replays it from then on. Should a replay fail, the
-    session goes on without capture, as a plain CUDA session, and says so once.
+    With `captured` (a session made with `enable_cuda_graph`), the first run of a shape runs as
+    usual (it also tells the output shapes); onnxruntime captures the graph at a later run of that
+    shape and replays it from then on. Should a replay fail, the session goes on without capture,
+    as a plain CUDA session, and says so once.
     """
 
-    def __init__(self, name: str, session: ort.InferenceSession) -> None:
+    def __init__(self, name: str, session: ort.InferenceSession, captured: bool) -> None:
         self.name = name
         self.session = session
+        self.captured = captured
         self.output_names = [o.name for o in session.get_outputs()]
         self.slots: dict[tuple, _Slot] = {}
         self.failed = False
-        self._uncaptured = _run_options(SKIP)
+        self._uncaptured = _run_options(SKIP) if captured else None
 
-    def run(self, feeds: dict[str, np.ndarray], versions: dict[str, int]) -> list[np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], versions: dict[str, int],
+            options: ort.RunOptions | None = None) -> list[np.ndarray]:
         """Outputs for `feeds` (contiguous arrays in the declared dtypes). `versions` numbers the
         kept inputs (fixed for many runs): one is copied to a shape's buffer only when its number
-        changed since that buffer was last filled; every other input is copied on every run."""
+        changed since that buffer was last filled; every other input is copied on every run.
+        `options`: run options of a plain session (an arena shrink after a last run, say)."""
         key = tuple((name, value.shape) for name, value in sorted(feeds.items()))
         slot = self.slots.get(key)
         if slot is None:
-            return self._first_run(key, feeds, versions)
+            return self._first_run(key, feeds, versions, options)
         for name, value in feeds.items():
             if name in versions and slot.versions.get(name) == versions[name]:
                 continue
             slot.inputs[name].update_inplace(value)
             if name in versions:
                 slot.versions[name] = versions[name]
-        if self.failed:
+        if not self.captured:
+            self.session.run_with_iobinding(slot.binding, options)
+        elif self.failed:
             self.session.run_with_iobinding(slot.binding, self._uncaptured)
         else:
             try:
@@ -84,24 +93,25 @@ class CapturedRuns:
                 self.session.run_with_iobinding(slot.binding, self._uncaptured)
         return [value.numpy() for value in slot.outputs]
 
-    def _first_run(self, key: tuple, feeds: dict[str, np.ndarray], versions: dict[str, int]) -> list[np.ndarray]:
+    def _first_run(self, key: tuple, feeds: dict[str, np.ndarray], versions: dict[str, int],
+                   options: ort.RunOptions | None) -> list[np.ndarray]:
         inputs = {name: ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0) for name, value in feeds.items()}
         binding = self.session.io_binding()
         for name, value in inputs.items():
             binding.bind_ortvalue_input(name, value)
         for name in self.output_names:
             binding.bind_output(name, "cuda")
-        self.session.run_with_iobinding(binding, self._uncaptured)
-        first = binding.get_outputs()
-        results = [value.numpy() for value in first]
-        # Buffers of the shapes and types this run gave, bound for good: replays write into them.
+        self.session.run_with_iobinding(binding, self._uncaptured if self.captured else options)
+        results = [value.numpy() for value in binding.get_outputs()]
+        # Buffers of the shapes and types this run gave, bound for good (replays write into them),
+        # made outside the session's arena, which can then shrink to nothing between calls.
         outputs = [ort.OrtValue.ortvalue_from_numpy(result, "cuda", 0) for result in results]
         binding = self.session.io_binding()
         for name, value in inputs.items():
             binding.bind_ortvalue_input(name, value)
         for name, value in zip(self.output_names, outputs):
             binding.bind_ortvalue_output(name, value)
-        graph_id = str(len(self.slots) + 1)  # 0 is onnxruntime's default id, -1 its "skip"
-        self.slots[key] = _Slot(binding, inputs, outputs, _run_options(graph_id),
+        graph_id = _run_options(str(len(self.slots) + 1)) if self.captured else None  # 0: default, -1: skip
+        self.slots[key] = _Slot(binding, inputs, outputs, graph_id,
                                 {name: versions[name] for name in feeds if name in versions})
         return results
