@@ -65,7 +65,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.source,
         args.out,
         fp16=args.fp16,
-        fp16_vae=args.fp16_vae,
+        fp32_vae=args.fp32_vae,
         opset=args.opset,
         optimization="none" if args.no_optimize else ("portable" if args.portable else "ort"),
         force=args.force,
@@ -133,10 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = command("export", "export a checkpoint to an ONNX model folder")
     export.add_argument("source", help="diffusers folder, .safetensors checkpoint, or hub id")
     export.add_argument("out", help="model folder to create")
-    export.add_argument("--fp16", action="store_true", help="fp16 text encoder and UNet (GPU providers)")
-    export.add_argument("--fp16-vae", action="store_true",
-                        help="with --fp16: the VAE in fp16 too, as diffusers' fp16 pipelines run it (less GPU "
-                             "memory; fp16 can overflow in some VAEs, which generate reports as an error)")
+    export.add_argument("--fp16", action="store_true",
+                        help="fp16 graphs for GPU providers, the VAE too, as diffusers' fp16 pipelines run it")
+    export.add_argument("--fp32-vae", action="store_true",
+                        help="with --fp16: keep the VAE in fp32 (more GPU memory), for a VAE whose activations "
+                             "overflow fp16 (generate reports that as an error)")
     export.add_argument("--opset", type=int, default=17)
     export.add_argument("--no-optimize", action="store_true", help="keep the traced graphs as they are")
     export.add_argument("--portable", action="store_true",

@@ -125,13 +125,13 @@ def test_manifest_agrees_with_graphs(tiny_onnx_dir: Path, tiny_diffusers_dir: Pa
         assert (tiny_onnx_dir / file).is_file(), file
 
 
-def test_fp16_export_keeps_vae_fp32(tiny_diffusers_dir: Path, tmp_path: Path, monkeypatch):
+def test_fp16_export_with_fp32_vae(tiny_diffusers_dir: Path, tmp_path: Path, monkeypatch):
     # Every optimizer stage in a child process, as for an SD 1.5 UNet (over 1 GiB).
     monkeypatch.setattr(export_folder.optimize, "SUBPROCESS_MIN_BYTES", 0)
     in_subprocess, stages = export_folder.optimize.in_subprocess, []
     monkeypatch.setattr(export_folder.optimize, "in_subprocess",
                         lambda stage, *args: stages.append(stage.__name__) or in_subprocess(stage, *args))
-    out = export_model(tiny_diffusers_dir, tmp_path / "fp16", fp16=True, report=None)
+    out = export_model(tiny_diffusers_dir, tmp_path / "fp16", fp16=True, fp32_vae=True, report=None)
     assert stages.count("fuse_for_onnxruntime") == 4 and stages.count("to_fp16") == 2
     assert "winograd" not in stages  # a CPU speed-up; this folder is for GPUs
     manifest = read_manifest(out)
@@ -147,11 +147,11 @@ def test_fp16_export_keeps_vae_fp32(tiny_diffusers_dir: Path, tmp_path: Path, mo
 
 
 def test_fp16_vae_export_matches_the_fp32_vae(tiny_diffusers_dir: Path, tiny_onnx_dir: Path, tmp_path: Path):
-    """--fp16-vae: both VAE graphs in fp16 with fp32 I/O, within the fp16 tolerance of the fp32 export's
+    """--fp16: both VAE graphs in fp16 with fp32 I/O, within the fp16 tolerance of the fp32 export's
     VAE graphs (same weights) on the same inputs, and the pipeline decodes with them."""
     from sdport.runtime import Pipeline
 
-    out = export_model(tiny_diffusers_dir, tmp_path / "fp16vae", fp16=True, fp16_vae=True, report=None)
+    out = export_model(tiny_diffusers_dir, tmp_path / "fp16", fp16=True, report=None)
     manifest = read_manifest(out)
     assert {name: spec.precision for name, spec in manifest.graphs.items()} == dict.fromkeys(COMPONENTS, "fp16")
     rng = np.random.default_rng(3)
@@ -170,7 +170,7 @@ def test_fp16_vae_export_matches_the_fp32_vae(tiny_diffusers_dir: Path, tiny_onn
     pixels = Pipeline.load(out, provider="cpu").generate("a red fox", steps=2, output="np", progress=False)
     reference = Pipeline.load(tiny_onnx_dir, provider="cpu").generate("a red fox", steps=2, output="np", progress=False)
     assert np.abs(pixels - reference).max() < 0.02  # fp16 text encoder, UNet and VAE against fp32
-    assert main(["export", str(tiny_diffusers_dir), str(tmp_path / "x"), "-q", "--fp16-vae"]) == 2
+    assert main(["export", str(tiny_diffusers_dir), str(tmp_path / "x"), "-q", "--fp32-vae"]) == 2
     assert not (tmp_path / "x").exists()
 
 

@@ -33,9 +33,10 @@ Reporter = Callable[[str], None]
 # Errors are relative to the output's range (max |reference|).
 FP32_TOLERANCE = 1e-4
 FP16_TOLERANCE = 2e-2
-# An fp16 export converts these; the VAE only with fp16_vae. Half the VAE's activations (GPU
-# memory at 512 px on an H100: 4.8 -> 4.0 GB), as diffusers' fp16 pipelines run it, but fp16 can
-# overflow in some VAEs on some images (the runtime then stops rather than write NaN pixels).
+# An fp16 export converts these, and the VAE's graphs unless fp32_vae: as diffusers' fp16 SD 1.x
+# and 2.x pipelines run it, with half its activations (GPU memory at 512 px on an H100: 4.8 -> 4.0 GB
+# for all sessions held). fp16 can overflow in some VAEs on some images: the runtime then stops
+# rather than write NaN pixels, and names fp32_vae.
 FP16_COMPONENTS = ("text_encoder", "unet")
 VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
 
@@ -216,7 +217,7 @@ def export_model(
     out: str | os.PathLike,
     *,
     fp16: bool = False,
-    fp16_vae: bool = False,
+    fp32_vae: bool = False,
     opset: int = 17,
     optimization: Optimization = "ort",
     force: bool = False,
@@ -233,9 +234,9 @@ def export_model(
     Args:
         source: a diffusers folder, a single-file `.safetensors` checkpoint, or a hub id.
         out: the folder to create; refused if it exists unless `force`.
-        fp16: fp16 text encoder and UNet for GPU providers (the VAE stays fp32).
-        fp16_vae: with fp16, the VAE decoder and encoder in fp16 too (less GPU memory; fp16 can
-            overflow in some VAEs).
+        fp16: fp16 graphs (fp32 inputs and outputs) for GPU providers.
+        fp32_vae: with fp16, the VAE decoder and encoder stay fp32 (more GPU memory; for VAEs
+            whose activations overflow fp16).
         opset: ONNX opset for tracing (17 or newer).
         optimization: "ort" (onnxruntime fusions, contrib operators), "portable" (onnxsim,
             standard operators only) or "none".
@@ -262,8 +263,8 @@ def export_model(
         raise SdportError(f"{out} already exists; choose another OUT or pass --force to replace it")
     if optimization not in ("ort", "portable", "none"):
         raise SdportError(f"unknown optimization {optimization!r}; choose ort, portable or none")
-    if fp16_vae and not fp16:
-        raise UsageError("fp16_vae (--fp16-vae) needs fp16 (--fp16): it is a GPU export option")
+    if fp32_vae and not fp16:
+        raise UsageError("fp32_vae (--fp32-vae) needs fp16 (--fp16): without it every graph is fp32")
     if opset < 17:
         raise SdportError(f"opset {opset} is too old: LayerNormalization needs 17 or newer")
     # Before the minutes of loading: the temporary folder goes next to OUT.
@@ -315,7 +316,7 @@ def export_model(
             graph = dataclasses.replace(graph, module=None, make_inputs=None)
             del module
             gc.collect()
-            half = fp16 and (name in FP16_COMPONENTS or (fp16_vae and name in VAE_COMPONENTS))
+            half = fp16 and (name in FP16_COMPONENTS or (not fp32_vae and name in VAE_COMPONENTS))
             final, precision = _optimize(traced, stages, work, optimization=optimization, fp16=fp16,
                                          half=half, winograd=winograd, native_dims=native_dims,
                                          guided_shared=graph.guided_shared if guided_prefix else ())

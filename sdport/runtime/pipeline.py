@@ -588,7 +588,7 @@ class Pipeline:
 
     def _vae_hint(self, name: str) -> str:
         if self.manifest.graphs[name].precision == "fp16":
-            return "this folder's VAE is fp16 (exported with --fp16-vae) and overflowed: re-export without --fp16-vae"
+            return "this folder's VAE is fp16 and overflowed: re-export with --fp16 --fp32-vae"
         return "its input was finite, so its weights may hold NaN or inf: re-export from a sound checkpoint"
 
     def _decode(self, x: np.ndarray) -> np.ndarray:
