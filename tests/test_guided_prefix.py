@@ -88,6 +88,20 @@ def test_halves_that_differ_by_one_value_or_hold_nan_take_the_full_branch(tiny_o
     assert _branch_taken(path, inputs, tmp_path)[1] == {guided_prefix.ELSE}
 
 
+def test_the_halves_check_reduces_no_empty_tensor(tiny_onnx_dir):
+    # onnxruntime's CUDA ReduceSum refuses an empty input: a batch of one (no guidance) failed on
+    # an H100 when the check compared an empty first half with an empty second half.
+    model = onnx.load(str(tiny_onnx_dir / "unet" / "model.onnx"))
+    reduced = [n.input[0] for n in model.graph.node if n.op_type == "ReduceSum" and n.name.startswith("/guided_prefix/")]
+    assert reduced
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in reduced)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (1, 2, 3, 4):
+        inputs = _inputs(batch, 8, 8, batch % 2 == 0, np.random.default_rng(batch))
+        for name, value in zip(reduced, session.run(reduced, inputs)):
+            assert value.size > 0, (batch, name, value.shape)
+
+
 def test_the_prefix_is_what_comes_before_the_text(tiny_onnx_dir):
     model = onnx.load(str(tiny_onnx_dir / "unet" / "model.onnx"))
     choose = next(n for n in model.graph.node if n.name == guided_prefix.IF_NAME)

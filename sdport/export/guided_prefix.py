@@ -84,6 +84,7 @@ def _halves_equal(batched: list[str], prefix: str) -> tuple[list[onnx.NodeProto]
     nodes = [
         ints("zero_dims", []),
         ints("zero", [0]),
+        ints("one", [1]),
         ints("two", [2]),
         helper.make_node("Shape", [batched[0]], [n("shape")], start=0, end=1),
         helper.make_node("Div", [n("shape"), n("two")], [n("half")]),
@@ -91,17 +92,22 @@ def _halves_equal(batched: list[str], prefix: str) -> tuple[list[onnx.NodeProto]
         helper.make_node("Equal", [n("twice_half"), n("shape")], [n("even")]),
         helper.make_node("Greater", [n("half"), n("zero")], [n("nonempty")]),
         helper.make_node("And", [n("even"), n("nonempty")], [n("split_ok")]),
+        # The first and the last max(B // 2, 1) rows: the halves when B is even, and never empty
+        # for B >= 1, since onnxruntime's CUDA ReduceSum refuses an empty input (batch 1, no
+        # guidance, failed on an H100). When B is odd or 1, split_ok is false whatever they hold.
+        helper.make_node("Max", [n("half"), n("one")], [n("rows")]),
+        helper.make_node("Sub", [n("shape"), n("rows")], [n("last_rows")]),
     ]
     condition, halves = n("split_ok"), {}
     for i, name in enumerate(batched):
         first, second = f"{n('first')}_{i}", f"{n('second')}_{i}"
         differ = f"{n('differ')}_{i}"
         nodes += [
-            helper.make_node("Slice", [name, n("zero"), n("half"), n("zero")], [first]),
-            helper.make_node("Slice", [name, n("half"), n("twice_half"), n("zero")], [second]),
+            helper.make_node("Slice", [name, n("zero"), n("rows"), n("zero")], [first]),
+            helper.make_node("Slice", [name, n("last_rows"), n("shape"), n("zero")], [second]),
             helper.make_node("Sub", [first, second], [f"{differ}_sub"]),
             helper.make_node("Abs", [f"{differ}_sub"], [f"{differ}_abs"]),
-            # A sum, not a max: it is 0 over an empty half, and NaN (never equal) if either holds NaN.
+            # A sum, not a max: NaN (never equal) if either half holds NaN.
             helper.make_node("ReduceSum", [f"{differ}_abs"], [differ], keepdims=0),
             helper.make_node("CastLike", [n("zero"), differ], [f"{differ}_zero"]),
             helper.make_node("Equal", [differ, f"{differ}_zero"], [f"{differ}_none"]),
