@@ -1,7 +1,7 @@
 """The GPU table: sdport on onnxruntime's CUDA provider vs diffusers fp16 on the same GPU and weights.
 
     python benchmarks/bench_gpu.py --model <diffusers folder> --onnx <sdport --fp16 export>
-                                   [--fp16-vae <export with --fp16 --fp16-vae>] [--sizes 256,512] [--steps 20]
+                                   [--fp32-vae <export with --fp16 --fp32-vae>] [--sizes 256,512] [--steps 20]
                                    [--runs 10] [--out gpu.json]
 
 Needs onnxruntime-gpu in place of onnxruntime (README, "On a GPU"), torch with CUDA and diffusers. As bench_sd.py,
@@ -16,7 +16,7 @@ every measurement runs in a fresh process; ratios are sdport / diffusers from th
                   cold = process start to PNG written, warm = a second image in the same process;
                   sdport as its pipeline runs by default (all sessions held), with the UNet as
                   captured CUDA graphs (Pipeline.load(cuda_graphs=True)), and one session at a
-                  time (low_memory); with --fp16-vae FOLDER once more, on that export
+                  time (low_memory); with --fp32-vae FOLDER once more, on that export
   share of a step the host time of a denoising step outside onnxruntime's run (scheduler, Python,
                   latents copied in and out), as bench_sd.py's overhead; not for low_memory,
                   whose denoising loop includes making the UNet's session
@@ -225,7 +225,7 @@ def bench(args) -> dict:
     result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
               "folders": {"diffusers": str(args.model), "fp16": str(args.onnx),
-                          "fp16_vae": str(args.fp16_vae) if args.fp16_vae else None},
+                          "fp32_vae": str(args.fp32_vae) if args.fp32_vae else None},
               "steps": args.steps, "image_size": args.image_size, "runs": args.runs, "unet": {}, "t2i": {}}
 
     def say(message: str) -> None:
@@ -236,7 +236,7 @@ def bench(args) -> dict:
 
     # Sessions and cold runs start from the pre-optimized graphs, as every load after the first does.
     result["first_load"] = {}
-    for folder in filter(None, (args.onnx, args.fp16_vae)):
+    for folder in filter(None, (args.onnx, args.fp32_vae)):
         result["first_load"][str(folder)] = spawn("load_sdport", folder=str(folder))
         say(f"first load {folder}: {result['first_load'][str(folder)].get('load_s', float('nan')):.1f} s")
     for size in args.sizes:
@@ -255,14 +255,17 @@ def bench(args) -> dict:
             ("sdport", "t2i_sdport", {"folder": str(args.onnx)}),
             ("sdport_cuda_graphs", "t2i_sdport", {"folder": str(args.onnx), "cuda_graphs": True}),
             ("sdport_low_memory", "t2i_sdport", {"folder": str(args.onnx), "low_memory": True})]
-    if args.fp16_vae:
-        runs.append(("sdport_fp16_vae", "t2i_sdport", {"folder": str(args.fp16_vae)}))
+    if args.fp32_vae:
+        runs.append(("sdport_fp32_vae", "t2i_sdport", {"folder": str(args.fp32_vae)}))
     for name, worker, options in runs:
         png = str(work / f"{name}.png")
         r = result["t2i"][name] = spawn(worker, size=args.image_size, steps=args.steps, png=png, warm=1, **options)
         if "png_at" in r:
             bench_sd.add_start_times(r)
-        say(f"t2i {name}: cold {r.get('cold_s', float('nan')):.2f} s, warm {r.get('warm_s') or float('nan'):.2f} s")
+        evals = sorted(r.get("eval_times_s") or [float("nan")])
+        say(f"t2i {name}: cold {r.get('cold_s', float('nan')):.2f} s, warm {r.get('warm_s') or float('nan'):.2f} s, "
+            f"UNet runs {1000 * r.get('eval_times_s', evals)[0]:.1f} ms first, {1000 * evals[len(evals) // 2]:.1f} median, "
+            f"{1000 * evals[-1]:.1f} max")
     result["ratios"] = ratios(result)
     return result
 
@@ -270,7 +273,7 @@ def bench(args) -> dict:
 # sdport's text-to-image runs: result key, ratio prefix, label suffix in the table.
 T2I_ROWS = (("sdport", "t2i", ""), ("sdport_cuda_graphs", "t2i_cuda_graphs", ", sdport with CUDA graphs"),
             ("sdport_low_memory", "t2i_low_memory", ", sdport one session at a time"),
-            ("sdport_fp16_vae", "t2i_fp16_vae", ", sdport --fp16-vae export"))
+            ("sdport_fp32_vae", "t2i_fp32_vae", ", sdport --fp32-vae export"))
 
 
 def ratios(r: dict) -> dict:
@@ -340,8 +343,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="diffusers folder (e.g. benchmarks/sd15_model.py's)")
     parser.add_argument("--onnx", type=Path, help="an sdport export of it with --fp16")
-    parser.add_argument("--fp16-vae", type=Path, default=None,
-                        help="optional: an export with --fp16 --fp16-vae, for one more text-to-image row")
+    parser.add_argument("--fp32-vae", type=Path, default=None,
+                        help="optional: an export with --fp16 --fp32-vae, for one more text-to-image row")
     parser.add_argument("--sizes", default="256,512", help="UNet step sizes in pixels, comma-separated")
     parser.add_argument("--steps", type=int, default=20, help="text-to-image steps")
     parser.add_argument("--image-size", type=int, default=512, help="text-to-image size")
