@@ -301,7 +301,7 @@ class Pipeline:
             verify: check the graph files against the sha256 digests in sdport.json (files that
                 verified before and are unchanged are not re-read; see sdport.runtime.checksums).
             cuda_graphs: on CUDA (and without low_memory), run the UNet as captured CUDA graphs
-                (sdport.runtime.cuda_graphs), one per image size and batch. For a process that
+                (sdport.runtime.device_runs), one per image size and batch. For a process that
                 generates many images: each step is faster (SD 1.5 at 512 px on an H100: a warm
                 20-step image in 0.39 s instead of 0.51), but the first call of each size pays
                 for the capture, and the UNet's working memory stays held between calls. Needs an
