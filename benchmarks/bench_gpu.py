@@ -18,8 +18,10 @@ every measurement runs in a fresh process; ratios are sdport / diffusers from th
                   captured CUDA graphs (Pipeline.load(cuda_graphs=True)), and one session at a
                   time (low_memory); with --fp32-vae FOLDER once more, on that export
   share of a step the host time of a denoising step outside onnxruntime's run (scheduler, Python,
-                  latents copied in and out), as bench_sd.py's overhead; not for low_memory,
-                  whose denoising loop includes making the UNet's session
+                  latents copied in and out), as bench_sd.py's overhead, and split in two: the
+                  time in sdport's Graph.run around onnxruntime's run (casts, host <-> device
+                  copies) and the rest of the loop (scheduler, guidance, Python); not for
+                  low_memory, whose denoising loop includes making the UNet's session
   GPU memory      peak device memory in use while the process ran, minus what was in use before
                   (NVML, sampled every 5 ms; the CUDA context is counted on both sides)
 """
@@ -265,7 +267,8 @@ def bench(args) -> dict:
         evals = sorted(r.get("eval_times_s") or [float("nan")])
         say(f"t2i {name}: cold {r.get('cold_s', float('nan')):.2f} s, warm {r.get('warm_s') or float('nan'):.2f} s, "
             f"UNet runs {1000 * r.get('eval_times_s', evals)[0]:.1f} ms first, {1000 * evals[len(evals) // 2]:.1f} median, "
-            f"{1000 * evals[-1]:.1f} max")
+            f"{1000 * evals[-1]:.1f} max; per step outside them {1000 * r.get('graph_io_s_per_step', float('nan')):.3f} ms "
+            f"in Graph.run (casts, copies), {1000 * r.get('loop_python_s_per_step', float('nan')):.3f} ms in the loop")
     result["ratios"] = ratios(result)
     return result
 
@@ -326,15 +329,21 @@ def table(r: dict) -> str:
         if name not in r["t2i"]:
             continue
         s = r["t2i"][name]
-        for label, key, fmt in (("text-to-image cold, process start to PNG (s)", "cold_s", ".2f"),
-                                ("process start to pipeline loaded (s)", "ready_s", ".2f"),
-                                ("text-to-image warm (s)", "warm_s", ".2f"),
-                                ("text-to-image GPU memory (MB)", "gpu_peak_mb", ".0f"),
-                                ("text-to-image host peak RSS (MB)", "peak_rss_mb", ".0f"),
-                                ("scheduler + Python + copies, share of a step", "overhead_share", ".2%")):
-            if key == "overhead_share" and name == "sdport_low_memory":
+        for label, key, fmt, scale in (
+                ("text-to-image cold, process start to PNG (s)", "cold_s", ".2f", 1),
+                ("process start to pipeline loaded (s)", "ready_s", ".2f", 1),
+                ("text-to-image warm (s)", "warm_s", ".2f", 1),
+                ("text-to-image GPU memory (MB)", "gpu_peak_mb", ".0f", 1),
+                ("text-to-image host peak RSS (MB)", "peak_rss_mb", ".0f", 1),
+                ("scheduler + Python + copies, share of a step", "overhead_share", ".2%", 1),
+                ("  of it, Graph.run's casts and host-device copies (ms per step)", "graph_io_s_per_step", ".3f", 1000),
+                ("  of it, the rest of the loop: scheduler, guidance, Python (ms per step)", "loop_python_s_per_step",
+                 ".3f", 1000)):
+            if key not in ("cold_s", "ready_s", "warm_s", "gpu_peak_mb", "peak_rss_mb") and name == "sdport_low_memory":
                 continue  # its loop includes making the UNet's session
-            lines.append(f"| {label}{mode} | {num(d.get(key), fmt)} | {num(s.get(key), fmt)} | "
+            if key in ("graph_io_s_per_step", "loop_python_s_per_step") and key not in s:
+                continue  # runs before this split was measured
+            lines.append(f"| {label}{mode} | {num(d.get(key), fmt, scale)} | {num(s.get(key), fmt, scale)} | "
                          f"{ratio(s.get(key), d.get(key))} |{blank}")
     return "\n".join(lines)
 
