@@ -35,6 +35,28 @@ def test_unknown_or_missing_provider_is_a_usage_error():
                 resolve_provider(name)
 
 
+def test_device_runs_give_what_session_run_gives(tiny_onnx_dir, monkeypatch):
+    # The CUDA path's bookkeeping on CPU buffers: a slot per input shape, a kept input copied in
+    # only when its version changed (also into a shape run before the change), and the least
+    # recently used shape dropped past device_runs.PLAIN_SLOTS, then made again when it returns.
+    from sdport.runtime import device_runs
+
+    monkeypatch.setattr(device_runs, "PLAIN_SLOTS", 2)
+    session = ort.InferenceSession(str(tiny_onnx_dir / "unet" / "model.onnx"), providers=["CPUExecutionProvider"])
+    runs = device_runs.DeviceRuns("unet", session, captured=False, device="cpu")
+    rng = np.random.default_rng(0)
+    texts = {1: rng.standard_normal((2, 77, 32), dtype=np.float32),
+             2: rng.standard_normal((2, 77, 32), dtype=np.float32)}
+    for size, version in ((8, 1), (8, 1), (16, 1), (8, 2), (16, 2), (12, 2), (8, 2), (8, 1)):
+        feeds = {"sample": rng.standard_normal((2, 4, size, size), dtype=np.float32),
+                 "timestep": np.array(rng.integers(0, 1000), dtype=np.float32),
+                 "encoder_hidden_states": texts[version]}
+        got = runs.run(feeds, {"encoder_hidden_states": version})[0]
+        np.testing.assert_allclose(got, session.run(None, feeds)[0], rtol=0, atol=1e-6, err_msg=f"{size} v{version}")
+        assert len(runs.slots) <= 2
+    assert [key[1][1][2] for key in runs.slots] == [12, 8]  # sample's height: 16 was dropped
+
+
 @pytest.mark.skipif(
     "CUDAExecutionProvider" not in HAVE,
     reason="CUDAExecutionProvider not installed (needs onnxruntime-gpu and an NVIDIA GPU)",

@@ -26,6 +26,11 @@ from sdport.errors import first_line
 
 # onnxruntime's run-option value that runs without capture or replay.
 SKIP = "-1"
+# A plain session keeps the buffers of this many input shapes, the least recently used dropped
+# first: a long-lived process that makes images of many sizes would otherwise keep them all (a
+# 1024 px decode's output alone is 12 MB). A captured session keeps every shape's: onnxruntime
+# keeps its graph, which reads and writes them, for the session's life.
+PLAIN_SLOTS = 8
 
 
 def _run_options(graph_id: str) -> ort.RunOptions:
@@ -54,10 +59,11 @@ class DeviceRuns:
     as a plain CUDA session, and says so once.
     """
 
-    def __init__(self, name: str, session: ort.InferenceSession, captured: bool) -> None:
+    def __init__(self, name: str, session: ort.InferenceSession, captured: bool, device: str = "cuda") -> None:
         self.name = name
         self.session = session
         self.captured = captured
+        self.device = device  # onnxruntime's name of the buffers' device ("cpu" in tests)
         self.output_names = [o.name for o in session.get_outputs()]
         self.slots: dict[tuple, _Slot] = {}
         self.failed = False
@@ -70,9 +76,10 @@ class DeviceRuns:
         changed since that buffer was last filled; every other input is copied on every run.
         `options`: run options of a plain session (an arena shrink after a last run, say)."""
         key = tuple((name, value.shape) for name, value in sorted(feeds.items()))
-        slot = self.slots.get(key)
+        slot = self.slots.pop(key, None)
         if slot is None:
             return self._first_run(key, feeds, versions, options)
+        self.slots[key] = slot  # the most recently used last
         for name, value in feeds.items():
             if name in versions and slot.versions.get(name) == versions[name]:
                 continue
@@ -95,17 +102,17 @@ class DeviceRuns:
 
     def _first_run(self, key: tuple, feeds: dict[str, np.ndarray], versions: dict[str, int],
                    options: ort.RunOptions | None) -> list[np.ndarray]:
-        inputs = {name: ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0) for name, value in feeds.items()}
+        inputs = {name: ort.OrtValue.ortvalue_from_numpy(value, self.device, 0) for name, value in feeds.items()}
         binding = self.session.io_binding()
         for name, value in inputs.items():
             binding.bind_ortvalue_input(name, value)
         for name in self.output_names:
-            binding.bind_output(name, "cuda")
+            binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding, self._uncaptured if self.captured else options)
         results = [value.numpy() for value in binding.get_outputs()]
         # Buffers of the shapes and types this run gave, bound for good (replays write into them),
         # made outside the session's arena, which can then shrink to nothing between calls.
-        outputs = [ort.OrtValue.ortvalue_from_numpy(result, "cuda", 0) for result in results]
+        outputs = [ort.OrtValue.ortvalue_from_numpy(result, self.device, 0) for result in results]
         binding = self.session.io_binding()
         for name, value in inputs.items():
             binding.bind_ortvalue_input(name, value)
@@ -114,4 +121,6 @@ class DeviceRuns:
         graph_id = _run_options(str(len(self.slots) + 1)) if self.captured else None  # 0: default, -1: skip
         self.slots[key] = _Slot(binding, inputs, outputs, graph_id,
                                 {name: versions[name] for name in feeds if name in versions})
+        if not self.captured and len(self.slots) > PLAIN_SLOTS:
+            del self.slots[next(iter(self.slots))]
         return results
