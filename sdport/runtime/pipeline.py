@@ -303,7 +303,7 @@ class Pipeline:
             cuda_graphs: on CUDA (and without low_memory), run the UNet as captured CUDA graphs
                 (sdport.runtime.device_runs), one per image size and batch. For a process that
                 generates many images: each step is faster (SD 1.5 at 512 px on an H100: a warm
-                20-step image in 0.39 s instead of 0.51), but the first call of each size pays
+                20-step image in 0.39 s instead of 0.42), but the first call of each size pays
                 for the capture, and the UNet's working memory stays held between calls. Needs an
                 --fp16 export: an fp32 UNet has If nodes (Winograd convolutions, its guided
                 prefix), which CUDA graphs can't hold; it then runs without them, with a note.
