@@ -188,44 +188,36 @@ def worker_t2i_sdport(folder: str, size: int, steps: int, png: str, warm: int, l
     # Time inside onnxruntime during denoising: the rest of a step is scheduler + Python overhead.
     # (CUDA runs go through run_with_iobinding, CPU ones through run.) Graph.run's time around
     # it splits that overhead: its casts and host <-> device copies, and the rest of the loop.
-    inside = {"on": False, "s": 0.0, "calls": 0, "times": [], "graph_s": 0.0}
+    inside = {"on": False, "times": [], "graph_times": []}
 
-    def timed(run):
+    def timed(run, times: list[float]):
+        """`run`, with each call's time appended to `times` while a denoising loop runs."""
         def timed_run(self, *args, **kwargs):
             t = time.perf_counter()
             try:
                 return run(self, *args, **kwargs)
             finally:
                 if inside["on"]:
-                    inside["times"].append(time.perf_counter() - t)
-                    inside["s"] += inside["times"][-1]
-                    inside["calls"] += 1
+                    times.append(time.perf_counter() - t)
         return timed_run
 
-    ort.InferenceSession.run = timed(ort.InferenceSession.run)
-    ort.InferenceSession.run_with_iobinding = timed(ort.InferenceSession.run_with_iobinding)
-    graph_run = Graph.run
-
-    def timed_graph_run(self, *args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return graph_run(self, *args, **kwargs)
-        finally:
-            if inside["on"]:
-                inside["graph_s"] += time.perf_counter() - t
-
-    Graph.run = timed_graph_run
+    ort.InferenceSession.run = timed(ort.InferenceSession.run, inside["times"])
+    ort.InferenceSession.run_with_iobinding = timed(ort.InferenceSession.run_with_iobinding, inside["times"])
+    Graph.run = timed(Graph.run, inside["graph_times"])
     denoise = Pipeline._denoise
     loops = []
 
     def timed_denoise(self, *args, **kwargs):
-        inside.update(on=True, s=0.0, calls=0, times=[], graph_s=0.0)
+        inside["times"].clear()
+        inside["graph_times"].clear()
+        inside["on"] = True
         t = time.perf_counter()
         try:
             return denoise(self, *args, **kwargs)
         finally:
-            loops.append({"loop_s": time.perf_counter() - t, "unet_s": inside["s"], "evals": inside["calls"],
-                          "eval_times_s": inside["times"], "graph_s": inside["graph_s"]})
+            loops.append({"loop_s": time.perf_counter() - t, "unet_s": sum(inside["times"]),
+                          "evals": len(inside["times"]), "eval_times_s": list(inside["times"]),
+                          "graph_s": sum(inside["graph_times"])})
             inside["on"] = False
 
     Pipeline._denoise = timed_denoise
