@@ -170,6 +170,10 @@ def test_fp16_vae_export_matches_the_fp32_vae(tiny_diffusers_dir: Path, tiny_onn
     pixels = Pipeline.load(out, provider="cpu").generate("a red fox", steps=2, output="np", progress=False)
     reference = Pipeline.load(tiny_onnx_dir, provider="cpu").generate("a red fox", steps=2, output="np", progress=False)
     assert np.abs(pixels - reference).max() < 0.02  # fp16 text encoder, UNet and VAE against fp32
+    # Latents far outside the usual range overflow fp16's 65504 inside the decoder: an error that
+    # names the way out, not NaN pixels.
+    with pytest.raises(SdportError, match=r"VAE is fp16 and overflowed: re-export with --fp16 --fp32-vae"):
+        Pipeline.load(out, provider="cpu")._decode(np.full((1, 4, 8, 8), 3e4, np.float32))
     assert main(["export", str(tiny_diffusers_dir), str(tmp_path / "x"), "-q", "--fp32-vae"]) == 2
     assert not (tmp_path / "x").exists()
 
