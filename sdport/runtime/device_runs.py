@@ -68,24 +68,35 @@ class DeviceRuns:
         self.slots: dict[tuple, _Slot] = {}
         self.failed = False
         self._uncaptured = _run_options(SKIP) if captured else None
+        self.kept: dict[str, np.ndarray] = {}  # inputs fixed for many runs (the text embeddings)
+        self._versions: dict[str, int] = {}  # kept input -> number of its latest value
 
-    def run(self, feeds: dict[str, np.ndarray], versions: dict[str, int],
-            options: ort.RunOptions | None = None) -> list[np.ndarray]:
-        """Outputs for `feeds` (contiguous arrays in the declared dtypes). `versions` numbers the
-        kept inputs (fixed for many runs): one is copied to a shape's buffer only when its number
-        changed since that buffer was last filled; every other input is copied on every run.
-        `options`: run options of a plain session (an arena shrink after a last run, say)."""
+    def keep(self, name: str, value: np.ndarray) -> None:
+        """Feeds `value` (contiguous, in the declared dtype) to input `name` until `release`: copied
+        into a shape's buffer at that shape's next run, then no more."""
+        self.kept[name] = value
+        self._versions[name] = self._versions.get(name, 0) + 1
+
+    def release(self) -> None:
+        self.kept.clear()
+
+    def run(self, feeds: dict[str, np.ndarray], options: ort.RunOptions | None = None) -> list[np.ndarray]:
+        """Outputs for `feeds` (contiguous arrays in the declared dtypes) and the kept inputs. A
+        kept input is copied to a shape's buffer only when it changed since that buffer was last
+        filled; every other input is copied on every run. `options`: run options of a plain
+        session (an arena shrink after a last run, say)."""
+        feeds = {**feeds, **self.kept}
         key = tuple((name, value.shape) for name, value in sorted(feeds.items()))
         slot = self.slots.pop(key, None)
         if slot is None:
-            return self._first_run(key, feeds, versions, options)
+            return self._first_run(key, feeds, options)
         self.slots[key] = slot  # the most recently used last
         for name, value in feeds.items():
-            if name in versions and slot.versions.get(name) == versions[name]:
-                continue
+            if name in self.kept:
+                if slot.versions.get(name) == self._versions[name]:
+                    continue
+                slot.versions[name] = self._versions[name]
             slot.inputs[name].update_inplace(value)
-            if name in versions:
-                slot.versions[name] = versions[name]
         if not self.captured:
             self.session.run_with_iobinding(slot.binding, options)
         elif self.failed:
@@ -100,8 +111,7 @@ class DeviceRuns:
                 self.session.run_with_iobinding(slot.binding, self._uncaptured)
         return [value.numpy() for value in slot.outputs]
 
-    def _first_run(self, key: tuple, feeds: dict[str, np.ndarray], versions: dict[str, int],
-                   options: ort.RunOptions | None) -> list[np.ndarray]:
+    def _first_run(self, key: tuple, feeds: dict[str, np.ndarray], options: ort.RunOptions | None) -> list[np.ndarray]:
         inputs = {name: ort.OrtValue.ortvalue_from_numpy(value, self.device, 0) for name, value in feeds.items()}
         binding = self.session.io_binding()
         for name, value in inputs.items():
@@ -113,14 +123,10 @@ class DeviceRuns:
         # Buffers of the shapes and types this run gave, bound for good (replays write into them),
         # made outside the session's arena, which can then shrink to nothing between calls.
         outputs = [ort.OrtValue.ortvalue_from_numpy(result, self.device, 0) for result in results]
-        binding = self.session.io_binding()
-        for name, value in inputs.items():
-            binding.bind_ortvalue_input(name, value)
         for name, value in zip(self.output_names, outputs):
-            binding.bind_ortvalue_output(name, value)
+            binding.bind_ortvalue_output(name, value)  # in place of the first run's
         graph_id = _run_options(str(len(self.slots) + 1)) if self.captured else None  # 0: default, -1: skip
-        self.slots[key] = _Slot(binding, inputs, outputs, graph_id,
-                                {name: versions[name] for name in feeds if name in versions})
+        self.slots[key] = _Slot(binding, inputs, outputs, graph_id, {name: self._versions[name] for name in self.kept})
         if not self.captured and len(self.slots) > PLAIN_SLOTS:
             del self.slots[next(iter(self.slots))]
         return results

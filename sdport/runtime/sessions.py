@@ -429,8 +429,6 @@ class Graph:
         self.weight_files = weight_files(loaded) if provider == "cpu" else frozenset()
         small = sum(map(os.path.getsize, self.weight_files)) < RELEASE_MIN_BYTES
         self._released_files = frozenset() if small else self.weight_files
-        self._kept: dict[str, np.ndarray] = {}  # on CUDA: inputs kept for many runs, numbered by version
-        self._kept_versions: dict[str, int] = {}
         self._release_options = None
         # After a run with these options the arena hands its free memory back (to the OS, or to
         # the GPU): the UNet's activations (0.4 GB at 512 px on CPU) are otherwise held through
@@ -468,13 +466,12 @@ class Graph:
     def keep_on_device(self, name: str, value: np.ndarray) -> None:
         """Keeps `value` for input `name` until `release_device`: copied to the GPU at the next run
         of each input shape, then no more (CUDA only; otherwise a no-op)."""
-        if self._device_runs is None:
-            return
-        self._kept[name] = np.array(value, dtype=self.input(name).dtype, order="C")
-        self._kept_versions[name] = self._kept_versions.get(name, 0) + 1
+        if self._device_runs is not None:
+            self._device_runs.keep(name, np.array(value, dtype=self.input(name).dtype, order="C"))
 
     def release_device(self) -> None:
-        self._kept.clear()
+        if self._device_runs is not None:
+            self._device_runs.release()
 
     def run(self, feeds: dict[str, np.ndarray], last: bool = False) -> dict[str, np.ndarray]:
         """Runs the graph: inputs cast to the declared dtypes, outputs by name (fp16 ones as float32).
@@ -484,18 +481,17 @@ class Graph:
         the GPU (measured no slower on the next run), and on CPU its weights' pages leave this
         process's resident set (release_mapped_pages).
         """
+        kept = self._device_runs.kept if self._device_runs is not None else {}
         cast = {}
         for port in self.inputs:
-            if port.name in self._kept:
-                cast[port.name] = self._kept[port.name]
+            if port.name in kept:
                 continue
             value = np.asarray(feeds[port.name], dtype=port.dtype)
             # Not np.ascontiguousarray: it turns a 0-d array (a scalar timestep) into shape (1,).
             cast[port.name] = value if value.flags.c_contiguous else value.copy()
         options = self._release_options if last else None
         if self._device_runs is not None:
-            versions = {name: self._kept_versions[name] for name in self._kept}
-            results = self._device_runs.run(cast, versions, options)
+            results = self._device_runs.run(cast, options)
         else:
             results = self.session.run(None, cast, options)
         if last:
