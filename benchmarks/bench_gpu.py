@@ -264,10 +264,10 @@ def bench(args) -> dict:
         r = result["t2i"][name] = spawn(worker, size=args.image_size, steps=args.steps, png=png, warm=1, **options)
         if "png_at" in r:
             bench_sd.add_start_times(r)
-        evals = sorted(r.get("eval_times_s") or [float("nan")])
+        evals = r.get("eval_times_s") or [float("nan")]
         say(f"t2i {name}: cold {r.get('cold_s', float('nan')):.2f} s, warm {r.get('warm_s') or float('nan'):.2f} s, "
-            f"UNet runs {1000 * r.get('eval_times_s', evals)[0]:.1f} ms first, {1000 * evals[len(evals) // 2]:.1f} median, "
-            f"{1000 * evals[-1]:.1f} max; per step outside them {1000 * r.get('graph_io_s_per_step', float('nan')):.3f} ms "
+            f"UNet runs {1000 * evals[0]:.1f} ms first, {1000 * bench_sd.median(evals):.1f} median, "
+            f"{1000 * max(evals):.1f} max; per step outside them {1000 * r.get('graph_io_s_per_step', float('nan')):.3f} ms "
             f"in Graph.run (casts, copies), {1000 * r.get('loop_python_s_per_step', float('nan')):.3f} ms in the loop")
     result["ratios"] = ratios(result)
     return result
