@@ -24,6 +24,7 @@ from sdport.errors import SdportError, UsageError, first_line
 from sdport.models.manifest import ManifestError, inside
 from sdport.runtime import checksums
 from sdport.runtime.device_runs import DeviceRuns
+from sdport.runtime.prefetch import prefetch
 
 ProviderName = Literal["auto", "cpu", "cuda", "dml"]
 
@@ -427,6 +428,7 @@ class Graph:
         # weights in place from them; a GPU provider copies them to the device at session
         # creation, where the smaps walk would cost ~20 ms for nothing.
         self.weight_files = weight_files(loaded) if provider == "cpu" else frozenset()
+        prefetch(sorted(self.weight_files))
         small = sum(map(os.path.getsize, self.weight_files)) < RELEASE_MIN_BYTES
         self._released_files = frozenset() if small else self.weight_files
         self._release_options = None

@@ -1,0 +1,75 @@
+"""Weight files read into the kernel's page cache ahead of a graph's first run.
+
+On CPU onnxruntime maps a graph's external weights and reads them in place (prepacking is off,
+see sessions.preoptimized_options). When the files are not in the page cache (after a reboot, or
+once the kernel has dropped them) the first run reads them from disk by page faults, a readahead
+window at a time, and waits for each. Asked for in the background as each session opens, they
+are read ahead of the run instead. SD 1.5-sized fp32 at 512 px on 2 cores, one-step
+text-to-image from process start with the weight files out of the page cache: 9.7-10.0 s
+against 10.7-11.1 s, the UNet's first run 4.0-4.5 s against 5.2-5.7 s. With the files cached it
+changes nothing measurable (8.4-8.8 s against 8.5-8.8 s).
+
+One thread reads the files in the order they were asked for: the order the pipeline opens its
+graphs, which is the order a call runs them. Nothing happens where posix_fadvise is missing
+(Windows, macOS).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterable
+
+# posix_fadvise(WILLNEED) reads at most the device's readahead limit per call (Linux caps it at
+# max(read_ahead_kb, max_sectors_kb), 128 KB or more), so a file is asked for in pieces no larger
+# than that. Measured on SD 1.5's UNet: 128 KB and 8 MB pieces take the same time and CPU.
+PIECE_BYTES = 128 << 10
+
+_files: queue.SimpleQueue[str] = queue.SimpleQueue()
+_reader: threading.Thread | None = None
+_reader_lock = threading.Lock()
+
+
+def prefetch(files: Iterable[str | os.PathLike]) -> None:
+    """Starts reading `files` into the page cache in the background, after any asked for before."""
+    global _reader
+    paths = [os.fspath(file) for file in files]
+    if not paths or not hasattr(os, "posix_fadvise"):
+        return
+    for path in paths:
+        _files.put(path)
+    with _reader_lock:
+        if _reader is None:
+            _reader = threading.Thread(target=_read_files, name="sdport-prefetch", daemon=True)
+            _reader.start()
+
+
+def _forget_reader() -> None:
+    # A forked child has the parent's queue and lock, but not its thread.
+    global _files, _reader, _reader_lock
+    _files, _reader, _reader_lock = queue.SimpleQueue(), None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_reader)
+
+
+def _read_files() -> None:
+    while True:
+        file = _files.get()
+        try:
+            read_ahead(file)
+        except OSError:  # gone or unreadable: the session's own read reports it, if it matters
+            pass
+
+
+def read_ahead(file: str) -> None:
+    """Asks the kernel to read all of `file` into the page cache; returns as the reads are queued."""
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        for offset in range(0, size, PIECE_BYTES):
+            os.posix_fadvise(fd, offset, PIECE_BYTES, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
