@@ -2,7 +2,7 @@
 
     python benchmarks/bench_sd.py --model tiny|sd15 [--sizes 256,512] [--steps N] [--image-size S]
                                   [--out benchmarks/results/sd.json] [--skip-install] [--no-int8]
-                                  [--warm-runs N] [--cold-runs N]
+                                  [--warm-runs N] [--cold-runs N] [--uncached-runs N]
 
 Every measurement runs in a fresh subprocess (peak RSS = that process's ru_maxrss from wait4), with
 PyTorch and onnxruntime at the same thread count (one per physical core, sdport's default), after
@@ -14,7 +14,9 @@ is shared and noisy, so compare ratios, not absolute times across runs.
                 sessions included), warm = the median of --warm-runs more images in the same
                 process; their difference is what starting cold costs. With --cold-runs N, cold
                 is the median of N processes per side, started in turn (diffusers, sdport fp32,
-                int8, diffusers, ...)
+                int8, diffusers, ...). With --uncached-runs N, N more cold processes per side
+                start with their model files (and sdport's session cache entries) dropped from
+                the kernel's page cache, so that their weights come from disk, as after a reboot
   memory        peak RSS of each process; sdport's low_memory mode (one component at a time);
                 the peak of its anonymous part (RssAnon: weights memory-mapped from a file are not
                 in it, and the kernel can reclaim those pages under pressure)
@@ -495,6 +497,8 @@ def bench(args) -> dict:
         t2i["int8_low_memory"] = image(int8, "sdport-int8-low-memory.png", low_memory=True)
     t2i["fp32_no_cache"] = image(onnx, "sdport-fp32-no-cache.png", env={"SDPORT_ORT_CACHE": "0"})
     cold_rounds(t2i, {"diffusers": None, **folders}, image, args.cold_runs)
+    if args.uncached_runs:
+        uncached_rounds(t2i, {"diffusers": diffusers_dir, **folders}, image, args.uncached_runs)
     result["t2i"] = t2i
     say("text-to-image: " + ", ".join(f"{k} cold {v['cold_s']:.1f} s" for k, v in t2i.items()))
 
@@ -532,6 +536,51 @@ def cold_rounds(t2i: dict, sides: dict[str, Path | None], image: Callable[[Path 
             t2i[name]["cold_ratios"] = [a / b for a, b in zip(runs[name], runs["diffusers"])]
 
 
+# Seconds between dropping a side's files and starting it: a cold start finds the memory those
+# pages held freed a while before, not just now (on these VMs memory freed moments ago is faster
+# to take again, which would flatter whichever side reads more from disk).
+UNCACHED_PAUSE_S = 10
+
+
+def uncached_rounds(t2i: dict, sides: dict[str, Path], image: Callable[[Path | None, str], dict],
+                    rounds: int) -> None:
+    """`rounds` cold images per side (t2i names -> model folder), in turn, each started with the
+    side's files out of the page cache: uncached_s (their median), uncached_runs_s, and for sdport
+    uncached_ratios per round."""
+    runs: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, folder in sides.items():
+            drop_from_page_cache(folder)
+            time.sleep(UNCACHED_PAUSE_S)
+            runs[name].append(image(None if name == "diffusers" else folder, f"{name}-uncached.png")["cold_s"])
+    for name in sides:
+        t2i[name].update(uncached_runs_s=runs[name], uncached_s=median(runs[name]))
+        if name != "diffusers":
+            t2i[name]["uncached_ratios"] = [a / b for a, b in zip(runs[name], runs["diffusers"])]
+
+
+def drop_from_page_cache(folder: Path) -> None:
+    """Drops the files of `folder`, and the session-cache entries made from them, from the kernel's
+    page cache (posix_fadvise DONTNEED: only clean pages go, nothing is lost)."""
+    from sdport.runtime.sessions import ort_cache_dir
+
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    cache = ort_cache_dir()
+    for entry in cache.iterdir() if cache is not None and cache.is_dir() else ():
+        try:
+            source = Path(json.loads((entry / "source.json").read_text())["source"])
+        except (OSError, ValueError, KeyError):
+            continue
+        if source.resolve().is_relative_to(folder.resolve()):
+            files += [p for p in entry.iterdir() if p.is_file()]
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def ratios(r: dict) -> dict:
     """sdport / reference for every target (below 1 is better for all of them)."""
     out = {}
@@ -545,6 +594,8 @@ def ratios(r: dict) -> dict:
         if name == "diffusers":
             continue
         out[f"t2i_{name}_cold"] = t["cold_s"] / ref["cold_s"]
+        if "uncached_s" in t:
+            out[f"t2i_{name}_uncached"] = t["uncached_s"] / ref["uncached_s"]
         out[f"t2i_{name}_ready"] = t["ready_s"] / ref["ready_s"]
         if t.get("warm_s"):
             out[f"t2i_{name}_warm"] = t["warm_s"] / ref["warm_s"]
@@ -588,11 +639,19 @@ def table(r: dict) -> str:
     cold_runs = len(t["fp32"].get("cold_runs_s", [None]))
     row("text-to-image cold, process start to PNG (s)" + (f", median of {cold_runs}" if cold_runs > 1 else ""),
         t["diffusers"]["cold_s"], t["fp32"]["cold_s"], get(t, "int8", "cold_s"), "{:.1f}", "<= 0.5x")
+
+    def spread(name: str, key: str) -> str:
+        return f"{min(t[name][key]):.2f}x-{max(t[name][key]):.2f}x" if name in t else "-"
+
     if cold_runs > 1:
-        spread = lambda name: (f"{min(t[name]['cold_ratios']):.2f}x-{max(t[name]['cold_ratios']):.2f}x"  # noqa: E731
-                               if name in t else "-")
-        lines.append(f"|   ratio in each round (diffusers, then sdport, {cold_runs} rounds) | | | {spread('fp32')} | | "
-                     f"{spread('int8')} | |")
+        lines.append(f"|   ratio in each round (diffusers, then sdport, {cold_runs} rounds) | | | "
+                     f"{spread('fp32', 'cold_ratios')} | | {spread('int8', 'cold_ratios')} | |")
+    if "uncached_s" in t["fp32"]:
+        uncached_runs = len(t["fp32"]["uncached_runs_s"])
+        row(f"  same, weights read from disk (page cache dropped first) (s), median of {uncached_runs}",
+            t["diffusers"]["uncached_s"], t["fp32"]["uncached_s"], get(t, "int8", "uncached_s"), "{:.1f}", "<= 0.5x")
+        lines.append(f"|   ratio in each round | | | {spread('fp32', 'uncached_ratios')} | | "
+                     f"{spread('int8', 'uncached_ratios')} | |")
     row("  same, session cache off (s)", t["diffusers"]["cold_s"], t["fp32_no_cache"]["cold_s"], None, "{:.1f}", "")
     def startup(name: str) -> float | None:  # both from the first round's process, which made the warm images
         return t[name].get("cold_runs_s", [t[name]["cold_s"]])[0] - t[name]["warm_s"] if name in t else None
@@ -662,6 +721,8 @@ def main() -> None:
                         help="warm images after the cold one; the table gives their median (default: 1 sd15, 7 tiny)")
     parser.add_argument("--cold-runs", type=_count, default=1,
                         help="cold text-to-image images per side, taken in turn; the table gives their median")
+    parser.add_argument("--uncached-runs", type=int, default=0,
+                        help="more cold images per side, each started with its model's files out of the page cache")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/<model>.json)")
     parser.add_argument("--onnx", type=Path, default=None, help="an existing sdport fp32 export of the model")
     parser.add_argument("--int8", type=Path, default=None, help="an existing int8 folder (sdport quantize)")
