@@ -7,7 +7,9 @@ window at a time, and waits for each. Asked for in the background as each sessio
 are read ahead of the run instead. SD 1.5-sized fp32 at 512 px on 2 cores, one-step
 text-to-image from process start with the weight files out of the page cache: 9.7-10.0 s
 against 10.7-11.1 s, the UNet's first run 4.0-4.5 s against 5.2-5.7 s. With the files cached it
-changes nothing measurable (8.4-8.8 s against 8.5-8.8 s).
+changes nothing measurable (8.4-8.8 s against 8.5-8.8 s). The price: pages read this way stay
+cached as 4 KB pages, so a later process's first run of the graph maps them 4 KB at a fault
+instead of up to 2 MB; its next start was 0.0-0.9 s slower, within this machine's spread.
 
 One thread reads the files in the order they were asked for: the order the pipeline opens its
 graphs, which is the order a call runs them. Nothing happens where posix_fadvise is missing
@@ -24,6 +26,9 @@ from collections.abc import Iterable
 # posix_fadvise(WILLNEED) reads at most the device's readahead limit per call (Linux caps it at
 # max(read_ahead_kb, max_sectors_kb), 128 KB or more), so a file is asked for in pieces no larger
 # than that. Measured on SD 1.5's UNet: 128 KB and 8 MB pieces take the same time and CPU.
+# WILLNEED queues all the reads at once; reading the file in order instead (sendfile to /dev/null,
+# or MADV_POPULATE_READ, which cache it in large folios where WILLNEED uses 4 KB pages) left the
+# UNet's first run from disk about as slow as with none (5.8-7.3 s against 5.2-6.7 s).
 PIECE_BYTES = 128 << 10
 
 _files: queue.SimpleQueue[str] = queue.SimpleQueue()
