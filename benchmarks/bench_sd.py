@@ -721,7 +721,7 @@ def main() -> None:
                         help="warm images after the cold one; the table gives their median (default: 1 sd15, 7 tiny)")
     parser.add_argument("--cold-runs", type=_count, default=1,
                         help="cold text-to-image images per side, taken in turn; the table gives their median")
-    parser.add_argument("--uncached-runs", type=int, default=0,
+    parser.add_argument("--uncached-runs", type=_count, default=None,
                         help="more cold images per side, each started with its model's files out of the page cache")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/<model>.json)")
     parser.add_argument("--onnx", type=Path, default=None, help="an existing sdport fp32 export of the model")
