@@ -562,16 +562,13 @@ def uncached_rounds(t2i: dict, sides: dict[str, Path], image: Callable[[Path | N
 def drop_from_page_cache(folder: Path) -> None:
     """Drops the files of `folder`, and the session-cache entries made from them, from the kernel's
     page cache (posix_fadvise DONTNEED: only clean pages go, nothing is lost)."""
-    from sdport.runtime.sessions import ort_cache_dir
+    from sdport.runtime.sessions import cache_entry_source, ort_cache_dir
 
     files = [p for p in folder.rglob("*") if p.is_file()]
     cache = ort_cache_dir()
     for entry in cache.iterdir() if cache is not None and cache.is_dir() else ():
-        try:
-            source = Path(json.loads((entry / "source.json").read_text())["source"])
-        except (OSError, ValueError, KeyError):
-            continue
-        if source.resolve().is_relative_to(folder.resolve()):
+        made_from = cache_entry_source(entry)
+        if made_from is not None and Path(made_from["source"]).resolve().is_relative_to(folder.resolve()):
             files += [p for p in entry.iterdir() if p.is_file()]
     for file in files:
         fd = os.open(file, os.O_RDONLY)

@@ -620,12 +620,8 @@ def _preoptimize(path: Path, entry: Path, provider: str, fused: bool, providers:
         for old in entry.parent.iterdir():
             if old.name.startswith(".") or old == entry:
                 continue
-            try:
-                old_from = {"provider": "cpu", **json.loads((old / "source.json").read_text())}
-            except (OSError, ValueError, TypeError):  # not an entry of ours, or written half
-                continue
-            source = old_from.get("source")
-            if old_from == made_from or (isinstance(source, str) and not Path(source).exists()):
+            old_from = cache_entry_source(old)
+            if old_from is not None and (old_from == made_from or not Path(old_from["source"]).exists()):
                 shutil.rmtree(old, ignore_errors=True)
         try:
             tmp.rename(entry)
@@ -634,6 +630,18 @@ def _preoptimize(path: Path, entry: Path, provider: str, fused: bool, providers:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cache_entry_source(entry: Path) -> dict[str, str] | None:
+    """What a pre-optimized cache entry was made from, {"source": graph path, "provider": name};
+    None for a folder that is not a whole entry of ours."""
+    import json
+
+    try:
+        made_from = {"provider": "cpu", **json.loads((entry / "source.json").read_text())}  # older ones: CPU
+    except (OSError, ValueError, TypeError):  # not an entry of ours, or written half
+        return None
+    return made_from if isinstance(made_from.get("source"), str) else None
 
 
 def preoptimized_options(fused: bool, provider: str = "cpu") -> ort.SessionOptions:
