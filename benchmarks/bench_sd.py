@@ -6,7 +6,8 @@
 
 Every measurement runs in a fresh subprocess (peak RSS = that process's ru_maxrss from wait4), with
 PyTorch and onnxruntime at the same thread count (one per physical core, sdport's default), after
-a warm-up, median of --runs runs. Ratios are sdport / reference from this same run: the machine
+a warm-up, median of --runs runs, and starts with the files it reads in the page cache (read just
+before, but for --uncached-runs). Ratios are sdport / reference from this same run: the machine
 is shared and noisy, so compare ratios, not absolute times across runs.
 
   unet step     one UNet evaluation, batch 2 (classifier-free guidance), fp32 (and int8), per size
@@ -468,10 +469,13 @@ def bench(args) -> dict:
     # 1. UNet step, batch 2.
     result["unet"] = {}
     for size in args.sizes:
+        read_into_page_cache(diffusers_dir)
         row = {"torch": spawn("unet_torch", lock, model=str(diffusers_dir), size=size, runs=args.runs)}
         for name, folder in folders.items():
+            read_into_page_cache(folder)
             row[name] = spawn("unet_sdport", lock, folder=str(folder), size=size, runs=args.runs)
         if size == args.sizes[0]:
+            read_into_page_cache(onnx)
             row["fp32_no_cache"] = spawn("unet_sdport", lock, env={"SDPORT_ORT_CACHE": "0"}, folder=str(onnx),
                                          size=size, runs=args.runs)
         for r in row.values():
@@ -480,8 +484,12 @@ def bench(args) -> dict:
         say(f"unet {size}px: " + ", ".join(f"{k} {v['median_s']:.3f} s" for k, v in row.items()))
 
     # 2. text-to-image, cold and warm; low_memory; without the session cache.
-    def image(folder: Path | None, png: str, warm: int = 0, low_memory: bool = False, env: dict | None = None) -> dict:
-        """One text-to-image process: diffusers (folder None) or sdport on `folder`."""
+    def image(folder: Path | None, png: str, warm: int = 0, low_memory: bool = False, env: dict | None = None,
+              from_disk: bool = False) -> dict:
+        """One text-to-image process: diffusers (folder None) or sdport on `folder`; its files are
+        read into the page cache first, unless `from_disk` (uncached_rounds has dropped them)."""
+        if not from_disk:
+            read_into_page_cache(diffusers_dir if folder is None else folder)
         common = {"size": args.image_size, "steps": args.steps, "png": str(out_dir / png), "warm": warm}
         if folder is None:
             r = spawn("t2i_diffusers", lock, model=str(diffusers_dir), **common)
@@ -542,7 +550,7 @@ def cold_rounds(t2i: dict, sides: dict[str, Path | None], image: Callable[[Path 
 UNCACHED_PAUSE_S = 10
 
 
-def uncached_rounds(t2i: dict, sides: dict[str, Path], image: Callable[[Path | None, str], dict],
+def uncached_rounds(t2i: dict, sides: dict[str, Path], image: Callable[..., dict],
                     rounds: int) -> None:
     """`rounds` cold images per side (t2i names -> model folder), in turn, each started with the
     side's files out of the page cache: uncached_s (their median), uncached_runs_s, and for sdport
@@ -552,16 +560,16 @@ def uncached_rounds(t2i: dict, sides: dict[str, Path], image: Callable[[Path | N
         for name, folder in sides.items():
             drop_from_page_cache(folder)
             time.sleep(UNCACHED_PAUSE_S)
-            runs[name].append(image(None if name == "diffusers" else folder, f"{name}-uncached.png")["cold_s"])
+            runs[name].append(image(None if name == "diffusers" else folder, f"{name}-uncached.png",
+                                    from_disk=True)["cold_s"])
     for name in sides:
         t2i[name].update(uncached_runs_s=runs[name], uncached_s=median(runs[name]))
         if name != "diffusers":
             t2i[name]["uncached_ratios"] = [a / b for a, b in zip(runs[name], runs["diffusers"])]
 
 
-def drop_from_page_cache(folder: Path) -> None:
-    """Drops the files of `folder`, and the session-cache entries made from them, from the kernel's
-    page cache (posix_fadvise DONTNEED: only clean pages go, nothing is lost)."""
+def model_files(folder: Path) -> list[Path]:
+    """The files of `folder` and of the session-cache entries made from it: what a run on it reads."""
     from sdport.runtime.sessions import cache_entry_source, ort_cache_dir
 
     files = [p for p in folder.rglob("*") if p.is_file()]
@@ -570,12 +578,39 @@ def drop_from_page_cache(folder: Path) -> None:
         made_from = cache_entry_source(entry)
         if made_from is not None and Path(made_from["source"]).resolve().is_relative_to(folder.resolve()):
             files += [p for p in entry.iterdir() if p.is_file()]
-    for file in files:
+    return files
+
+
+def drop_from_page_cache(folder: Path) -> None:
+    """Drops model_files(folder) from the kernel's page cache (posix_fadvise DONTNEED: only clean
+    pages go, nothing is lost)."""
+    for file in model_files(folder):
         fd = os.open(file, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def read_into_page_cache(folder: Path) -> None:
+    """Reads model_files(folder) once, so that the next process finds them in the page cache.
+
+    The kernel drops large files it has not read for a while (within the hour on these VMs): a
+    measurement that is meant to start with its files cached would otherwise read some of them
+    from disk, the more the longer since the side last ran (the SD 1.5-sized UNet's session without
+    the session cache took 5.35 s two hours after its folder was last read, 1.08 s right after the
+    export)."""
+    from sdport.runtime.prefetch import read_ahead
+
+    files = model_files(folder)
+    if hasattr(os, "posix_fadvise"):  # all reads queued at once: several times faster than in order
+        for file in files:
+            read_ahead(str(file))
+    buffer = bytearray(16 << 20)
+    for file in files:  # and waited for
+        with open(file, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
 
 
 def ratios(r: dict) -> dict:
