@@ -5,7 +5,8 @@
                                    [--runs 10] [--out gpu.json]
 
 Needs onnxruntime-gpu in place of onnxruntime (README, "On a GPU"), torch with CUDA and diffusers. As bench_sd.py,
-every measurement runs in a fresh process; ratios are sdport / diffusers from this same run.
+every measurement runs in a fresh process, with the files it reads in the page cache; ratios are
+sdport / diffusers from this same run.
 
   unet step       one UNet evaluation, batch 2 (guidance), fp16, median of --runs after warm-ups:
                   diffusers eager (its default SDPA attention) vs sdport's graph as the pipeline
@@ -243,10 +244,12 @@ def bench(args) -> dict:
         say(f"first load {folder}: {result['first_load'][str(folder)].get('load_s', float('nan')):.1f} s")
     for size in args.sizes:
         row = result["unet"][str(size)] = {}
+        bench_sd.read_into_page_cache(args.model)
         row["torch"] = spawn("unet_torch", model=str(args.model), folder=str(args.onnx), size=size, runs=args.runs,
                              npy=str(work / f"t{size}.npy"))
         for name, options in VARIANTS.items():
             npy = work / f"{name}{size}.npy"
+            bench_sd.read_into_page_cache(args.onnx)
             row[name] = spawn("unet_sdport", folder=str(args.onnx), size=size, runs=args.runs, npy=str(npy),
                               cuda_options=options)
             if npy.exists() and (work / f"t{size}.npy").exists():
@@ -261,6 +264,7 @@ def bench(args) -> dict:
         runs.append(("sdport_fp32_vae", "t2i_sdport", {"folder": str(args.fp32_vae)}))
     for name, worker, options in runs:
         png = str(work / f"{name}.png")
+        bench_sd.read_into_page_cache(Path(options.get("model") or options["folder"]))
         r = result["t2i"][name] = spawn(worker, size=args.image_size, steps=args.steps, png=png, warm=1, **options)
         if "png_at" in r:
             bench_sd.add_start_times(r)

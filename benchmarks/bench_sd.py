@@ -593,21 +593,18 @@ def drop_from_page_cache(folder: Path) -> None:
 
 
 def read_into_page_cache(folder: Path) -> None:
-    """Reads model_files(folder) once, so that the next process finds them in the page cache.
+    """Reads model_files(folder) once, in order, so that the next process finds them in the page cache.
 
     The kernel drops large files it has not read for a while (within the hour on these VMs): a
     measurement that is meant to start with its files cached would otherwise read some of them
     from disk, the more the longer since the side last ran (the SD 1.5-sized UNet's session without
     the session cache took 5.35 s two hours after its folder was last read, 1.08 s right after the
-    export)."""
-    from sdport.runtime.prefetch import read_ahead
-
-    files = model_files(folder)
-    if hasattr(os, "posix_fadvise"):  # all reads queued at once: several times faster than in order
-        for file in files:
-            read_ahead(str(file))
+    export). Plain reads, as `cat` would, cache the files in large folios; posix_fadvise(WILLNEED),
+    sdport's read-ahead, would cache them in 4 KB pages, which a process mapping them then pays for
+    in page faults and at munmap (the state sdport's own first start from disk leaves, but not
+    diffusers')."""
     buffer = bytearray(16 << 20)
-    for file in files:  # and waited for
+    for file in model_files(folder):
         with open(file, "rb", buffering=0) as f:
             while f.readinto(buffer):
                 pass
