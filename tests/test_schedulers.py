@@ -351,6 +351,23 @@ def test_add_noise_matches_diffusers(name):
     np.testing.assert_allclose(add_noise(name, SD15, original, noise, steps, start), ref.numpy(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("karras", [False, True])
+def test_lms_coefficients_match_diffusers_quadrature(karras):
+    """Every LMS coefficient of a schedule against diffusers' own, over diffusers' sigmas (its
+    float32 table can differ from sdport's by an ulp; see RTOL). diffusers integrates with scipy
+    quad but evaluates the integrand in float32 torch, hence rel=1e-6."""
+    from sdport.runtime.schedulers.k_samplers import lms_coefficient
+
+    sched = reference_scheduler("lms", {**SD15, "use_karras_sigmas": karras})
+    sched.set_timesteps(30)
+    sigmas = sched.sigmas.numpy()
+    for i in range(30):
+        order = min(i + 1, 4)
+        for j in range(order):
+            ref = sched.get_lms_coefficient(order, i, j)
+            assert lms_coefficient(sigmas, order, i, j) == pytest.approx(ref, rel=1e-6, abs=1e-9), (i, j)
+
+
 # --- randomness ----------------------------------------------------------------------------
 
 

@@ -6,6 +6,8 @@ timestep whose sigma this is. Each step integrates dx/dsigma = (x - x0) / sigma.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from sdport.runtime.schedulers import schedules as S
@@ -120,15 +122,26 @@ def heun_step(cfg: Config, sch: Schedule, i: int, out: np.ndarray, x: np.ndarray
 def lms_coefficient(sigmas: np.ndarray, order: int, i: int, j: int) -> float:
     """Integral over [sigma_i, sigma_{i+1}] of the Lagrange basis polynomial for node sigma_{i-j}.
 
-    diffusers integrates numerically (scipy quad); the integrand is a polynomial, so this is exact.
+    diffusers integrates numerically (scipy quad). The integrand is a polynomial of degree
+    order - 1 <= 3, which two-point Gauss-Legendre integrates exactly. In plain floats a step's
+    four coefficients take 6 us; built as np.poly1d polynomials they took 500 us (a tiny model's
+    whole UNet step is 1.4 ms, an SD 1.5 one's on a GPU 15-20 ms). On random sigma tables they
+    were also further from a float64 quad: up to 2e-5 relative (cancellation in the
+    antiderivative), against 7e-15.
     """
-    s = sigmas.astype(np.float64)
-    basis = np.poly1d([1.0])
-    for k in range(order):
-        if k != j:
-            basis *= np.poly1d([1.0, -s[i - k]]) / (s[i - j] - s[i - k])
-    antiderivative = basis.integ()
-    return float(antiderivative(s[i + 1]) - antiderivative(s[i]))
+    nodes = [float(sigmas[i - k]) for k in range(order)]
+
+    def basis(s: float) -> float:
+        value = 1.0
+        for k, node in enumerate(nodes):
+            if k != j:
+                value *= (s - node) / (nodes[j] - node)
+        return value
+
+    start, end = float(sigmas[i]), float(sigmas[i + 1])
+    half, middle = (end - start) / 2, (start + end) / 2
+    offset = half / math.sqrt(3.0)
+    return half * (basis(middle - offset) + basis(middle + offset))
 
 
 def lms_step(cfg: Config, sch: Schedule, i: int, out: np.ndarray, x: np.ndarray, state: tuple, rng: None):
