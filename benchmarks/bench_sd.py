@@ -138,8 +138,8 @@ def worker_t2i_diffusers(model: str, size: int, steps: int, png: str, warm: int,
     load = time.perf_counter() - t0
     ready_at = time.time()
     # The same overhead sdport's row measures: the denoising loop's time outside the UNet, from
-    # the first UNet call to the VAE decode (so the loop's own set-up before it is not counted
-    # against diffusers, nor sdport's against sdport). On a GPU, time outside forward includes
+    # the first UNet call to the VAE decode, so that the set-up before the loop is not counted
+    # (sdport's row, too, starts at its first UNet run). On a GPU, time outside forward includes
     # waiting for it.
     loop = {"unet_s": 0.0, "evals": 0, "start": None, "end": None}
     forward, decode = pipe.unet.forward, pipe.vae.decode

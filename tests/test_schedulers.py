@@ -46,6 +46,7 @@ from diffusers import LMSDiscreteScheduler  # noqa: E402  (needs scipy, in the t
 from sdport.errors import UsageError  # noqa: E402
 from sdport.models.families import scheduler_config  # noqa: E402
 from sdport.runtime.schedulers import add_noise, available, denoise, name_for_config, schedule  # noqa: E402
+from sdport.runtime.schedulers.k_samplers import lms_coefficient  # noqa: E402
 
 # diffusers' np.array(tensor) calls trip NumPy 2's copy-keyword deprecation on every schedule.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -356,8 +357,6 @@ def test_lms_coefficients_match_diffusers_quadrature(karras):
     """Every LMS coefficient of a schedule against diffusers' own, over diffusers' sigmas (its
     float32 table can differ from sdport's by an ulp; see RTOL). diffusers integrates with scipy
     quad but evaluates the integrand in float32 torch, hence rel=1e-6."""
-    from sdport.runtime.schedulers.k_samplers import lms_coefficient
-
     sched = reference_scheduler("lms", {**SD15, "use_karras_sigmas": karras})
     sched.set_timesteps(30)
     sigmas = sched.sigmas.numpy()
