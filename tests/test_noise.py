@@ -15,6 +15,7 @@ from sdport.errors import UsageError
 from sdport.runtime.noise import (
     LG1, LG2, LG3, LG4, LG5, LG6, LG7, LN2_HI, LN2_LO, SQRT2,
     BatchNoise,
+    LookaheadNoise,
     PortableNoise,
     philox4x32,
     portable_log,
@@ -192,3 +193,33 @@ def test_as_scheduler_rng():
     c = denoise("euler_ancestral", {}, model, latents, 5, rng=PortableNoise(10))
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
+
+
+def test_lookahead_draws_what_the_batch_draws():
+    """Each call returns the batch's next draw, whether the guess made in the background was
+    right (same shape and dtype) or not, and leaves the batch at the same draw."""
+    requests = [((2, 4, 8, 8), np.float32)] * 3 + [((2, 3), np.float32), ((2, 3), np.float64), ((2, 4, 8, 8), np.float32)]
+    reference = BatchNoise(7, 2)
+    source = BatchNoise(7, 2)
+    with LookaheadNoise(source) as ahead:
+        for k, (shape, dtype) in enumerate(requests):
+            # a draw on the batch itself in between: the lookahead's guess for it goes unused
+            plain = k == 4
+            got = (source if plain else ahead).standard_normal(shape, dtype=dtype)
+            want = reference.standard_normal(shape, dtype=dtype)
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+            assert source.draws == reference.draws == k + 1
+        with pytest.raises(UsageError, match="batch"):
+            ahead.standard_normal((3, 4))
+
+
+def test_lookahead_as_scheduler_rng():
+    def model(x, t):
+        return np.tanh(x) * 0.5
+
+    latents = PortableNoise(9).standard_normal((1, 4, 8, 8))
+    for name in ("euler_ancestral", "dpmpp_2m_sde", "ddpm", "lcm"):
+        with LookaheadNoise(BatchNoise(9, 1)) as ahead:
+            a = denoise(name, {}, model, latents, 6, rng=ahead)
+        np.testing.assert_array_equal(a, denoise(name, {}, model, latents, 6, rng=BatchNoise(9, 1)))

@@ -21,6 +21,7 @@ is what makes the float64 steps reproducible.
 
 from __future__ import annotations
 
+import concurrent.futures
 from typing import Any
 
 import numpy as np
@@ -156,11 +157,15 @@ class PortableNoise:
 
     def standard_normal(self, size: tuple[int, ...] | int = (), dtype: Any = np.float32) -> np.ndarray:
         """The next tensor of standard normals, float32 (float64 `dtype` gives the same values widened)."""
+        values = self.tensor(self.draws, size, dtype)
+        self.draws += 1
+        return values
+
+    def tensor(self, draw: int, size: tuple[int, ...] | int = (), dtype: Any = np.float32) -> np.ndarray:
+        """Tensor `draw` of this generator, as that draw's `standard_normal` call returns it; draws nothing."""
         shape = (size,) if isinstance(size, (int, np.integer)) else tuple(size)
         count = int(np.prod(shape, dtype=np.int64))
-        values = normals(self.seed, self.stream, self.draws, count).reshape(shape)
-        self.draws += 1
-        return values.astype(dtype, copy=False)
+        return normals(self.seed, self.stream, draw, count).reshape(shape).astype(dtype, copy=False)
 
 
 class BatchNoise:
@@ -175,9 +180,62 @@ class BatchNoise:
             raise UsageError(f"portable noise: seeds {seed}..{seed + count - 1} must lie in [0, 2^64)")
         self.generators = [PortableNoise(seed + i) for i in range(count)]
 
+    @property
+    def draws(self) -> int:
+        """Tensors drawn so far (every generator has drawn as many)."""
+        return self.generators[0].draws
+
     def standard_normal(self, size: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
         """A [count, ...] tensor whose row i is generator i's next draw of shape size[1:]."""
+        values = self.tensor(self.draws, size, dtype)
+        self.skip()
+        return values
+
+    def tensor(self, draw: int, size: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+        """Tensor `draw` of the batch, as that draw's `standard_normal` call returns it; draws nothing."""
         size = tuple(size)
         if not size or size[0] != len(self.generators):
             raise UsageError(f"portable noise: shape {size} for a batch of {len(self.generators)} images")
-        return np.stack([g.standard_normal(size[1:], dtype=dtype) for g in self.generators])
+        return np.stack([g.tensor(draw, size[1:], dtype) for g in self.generators])
+
+    def skip(self) -> None:
+        """Moves every generator past its next draw."""
+        for generator in self.generators:
+            generator.draws += 1
+
+
+class LookaheadNoise:
+    """A BatchNoise whose next tensor is drawn in a background thread, while the caller runs the UNet.
+
+    The stochastic samplers draw one tensor of the latents' shape after each UNet run, on the
+    host: 0.6 ms at SD 1.5 latents (torch's generator takes 0.04 ms), 4% of an SD 1.5 step on a
+    GPU. onnxruntime releases the GIL while it runs, so the draw that will follow the next run is
+    made during it. Each call returns exactly what `source.standard_normal` would (a guess that
+    missed, a different shape or dtype, is drawn again in the caller's thread), and moves `source`
+    on by one draw, so the two can be mixed. Use it as a context manager, or `close` it: its
+    thread (started at the first draw) ends then, leaving an unused guess to finish on its own.
+    """
+
+    def __init__(self, source: BatchNoise) -> None:
+        self.source = source
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdport-noise")
+        self._ahead: tuple[tuple, concurrent.futures.Future] | None = None
+
+    def standard_normal(self, size: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+        request = (self.source.draws, tuple(size), np.dtype(dtype))
+        ahead, self._ahead = self._ahead, None
+        values = ahead[1].result() if ahead is not None and ahead[0] == request else self.source.tensor(*request)
+        self.source.skip()
+        following = (request[0] + 1, *request[1:])
+        self._ahead = (following, self._pool.submit(self.source.tensor, *following))
+        return values
+
+    def close(self) -> None:
+        self._ahead = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> LookaheadNoise:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

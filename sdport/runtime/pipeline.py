@@ -26,7 +26,7 @@ from sdport.models.manifest import Manifest, ManifestError, TensorSpec, inside, 
 from sdport.runtime import images as imgs
 from sdport.runtime import schedulers
 from sdport.runtime.checksums import verify_sha256
-from sdport.runtime.noise import BatchNoise
+from sdport.runtime.noise import BatchNoise, LookaheadNoise
 from sdport.runtime.sessions import Graph, Port, ProviderName, check_graph_files, resolve_provider
 from sdport.runtime.tokenizer import ClipTokenizer
 
@@ -463,7 +463,6 @@ class Pipeline:
         check_size(m, width, height)
         shape = (num_images, m.latent_channels, height // m.vae_scale, width // m.vae_scale)
         seeded = BatchNoise(seed, num_images)
-        noise_source = rng if rng is not None else seeded
 
         start_step = 0
         if source is not None:
@@ -483,7 +482,8 @@ class Pipeline:
             x = _given_noise("latents", latents, shape) if latents is not None else _draw(seeded, shape)
 
         embeddings = self._embed(prompt, negative_prompt, num_images, guidance > 1)
-        x = self._denoise(name, config, x, steps, start_step, embeddings, guidance, noise_source, callback, progress)
+        with contextlib.nullcontext(rng) if rng is not None else LookaheadNoise(seeded) as noise_source:
+            x = self._denoise(name, config, x, steps, start_step, embeddings, guidance, noise_source, callback, progress)
         pixels_out = self._decode(x)
         result = imgs.postprocess(pixels_out)
         return result if output == "np" else imgs.to_pil(result)
