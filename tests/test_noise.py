@@ -181,12 +181,13 @@ def test_bad_arguments():
         PortableNoise(0, stream=2**32)
 
 
+def model(x, t):
+    """A stand-in UNet for the scheduler loops below."""
+    return np.tanh(x) * 0.5
+
+
 def test_as_scheduler_rng():
     """It is a drop-in `rng` for the stochastic schedulers."""
-
-    def model(x, t):
-        return np.tanh(x) * 0.5
-
     latents = PortableNoise(9).standard_normal((1, 4, 8, 8))
     a = denoise("euler_ancestral", {}, model, latents, 5, rng=PortableNoise(9))
     b = denoise("euler_ancestral", {}, model, latents, 5, rng=PortableNoise(9))
@@ -215,9 +216,6 @@ def test_lookahead_draws_what_the_batch_draws():
 
 
 def test_lookahead_as_scheduler_rng():
-    def model(x, t):
-        return np.tanh(x) * 0.5
-
     latents = PortableNoise(9).standard_normal((1, 4, 8, 8))
     for name in ("euler_ancestral", "dpmpp_2m_sde", "ddpm", "lcm"):
         with LookaheadNoise(BatchNoise(9, 1)) as ahead:
