@@ -26,7 +26,7 @@ import onnx
 from onnx import helper
 
 from sdport.export.onnx_files import json_metadata, set_json_metadata
-from sdport.export.subgraphs import outer_references, rename_references
+from sdport.export.subgraphs import copy_nodes, inline_branch, outer_references
 
 PREFIX_KEY = "sdport.guided_prefix"  # metadata: {"shared": [input names], "nodes": count}
 IF_NAME = "/guided_prefix/If"
@@ -54,22 +54,6 @@ def _shape_side(graph: onnx.GraphProto) -> set[str]:
         if node.op_type in SHAPE_OPS or (node.op_type != "Constant" and dynamic and all(n in side for n in dynamic)):
             side.update(node.output)
     return side
-
-
-def _copy_nodes(nodes: Iterable[onnx.NodeProto], suffix: str, mapping: dict[str, str]) -> list[onnx.NodeProto]:
-    """Copies of `nodes` with their outputs (and names) suffixed; reads renamed through `mapping`,
-    which learns each copied output."""
-    copies = []
-    for node in nodes:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        rename_references(copy, mapping)
-        for i, output in enumerate(node.output):
-            if output:
-                mapping[output] = copy.output[i] = output + suffix
-        copy.name = node.name + suffix if node.name else ""  # onnxruntime wants names unique or empty
-        copies.append(copy)
-    return copies
 
 
 def _halves_equal(batched: list[str], prefix: str) -> tuple[list[onnx.NodeProto], str, dict[str, str]]:
@@ -171,17 +155,17 @@ def share_guided_prefix(model: onnx.ModelProto, shared_inputs: Iterable[str]) ->
     check_nodes, condition, halves = _halves_equal(sorted(batched), "/guided_prefix")
 
     then_map = dict(halves)
-    then_nodes = _copy_nodes(prefix, THEN, then_map)
+    then_nodes = copy_nodes(prefix, THEN, then_map)
     full_map = {}
     for name in full:
         full_map[name] = name + THEN + "_twice"
         then_nodes.append(helper.make_node("Concat", [then_map[name]] * 2, [full_map[name]], axis=0,
                                            name=f"{name}{THEN}/concat"))
-    then_nodes += _copy_nodes(shape_nodes, THEN + "_shape", full_map)
+    then_nodes += copy_nodes(shape_nodes, THEN + "_shape", full_map)
     then_outputs = [full_map[name] for name in data_out + shapes_out]
 
     else_map: dict[str, str] = {}
-    else_nodes = _copy_nodes(prefix, ELSE, else_map)
+    else_nodes = copy_nodes(prefix, ELSE, else_map)
     else_outputs = [else_map[name] for name in data_out + shapes_out]
 
     def branch(name: str, nodes: list[onnx.NodeProto], outputs: list[str]) -> onnx.GraphProto:
@@ -214,21 +198,11 @@ def restore_prefix(model: onnx.ModelProto) -> list[str]:
     if record is None:
         return []
     graph = model.graph
-    choose = next(node for node in graph.node if node.name == IF_NAME)
-    full = next(attribute.g for attribute in choose.attribute if attribute.name == "else_branch")
-    back = {}
-    for node in full.node:
-        for i, output in enumerate(node.output):
-            if output.endswith(ELSE):
-                back[output] = node.output[i] = output[: -len(ELSE)]
-        node.name = node.name[: -len(ELSE)] if node.name.endswith(ELSE) else node.name
-    for node in full.node:
-        rename_references(node, back)
     check = {node.name for node in graph.node if node.name.startswith("/guided_prefix/")}
     nodes = []
     for node in graph.node:
         if node.name == IF_NAME:
-            nodes.extend(full.node)
+            nodes.extend(inline_branch(node, "else_branch", ELSE))
         elif node.name not in check:
             nodes.append(node)
     del graph.node[:]

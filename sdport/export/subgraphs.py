@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import onnx
 
 
@@ -47,3 +49,34 @@ def rename_references(node: onnx.NodeProto, mapping: dict[str, str]) -> None:
         for value in graph.output:
             if value.name not in local:
                 value.name = mapping.get(value.name, value.name)
+
+
+def copy_nodes(nodes: Iterable[onnx.NodeProto], suffix: str, mapping: dict[str, str]) -> list[onnx.NodeProto]:
+    """Copies of `nodes` with their outputs (and names) suffixed; reads renamed through `mapping`,
+    which learns each copied output."""
+    copies = []
+    for node in nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        rename_references(copy, mapping)
+        for i, output in enumerate(node.output):
+            if output:
+                mapping[output] = copy.output[i] = output + suffix
+        copy.name = node.name + suffix if node.name else ""  # onnxruntime wants names unique or empty
+        copies.append(copy)
+    return copies
+
+
+def inline_branch(node: onnx.NodeProto, branch: str, suffix: str) -> list[onnx.NodeProto]:
+    """The nodes of If `node`'s `branch` ("then_branch" or "else_branch"), to stand in its place:
+    with the `suffix` that copy_nodes gave their outputs and names taken off again."""
+    graph = next(attribute.g for attribute in node.attribute if attribute.name == branch)
+    back = {}
+    for inner in graph.node:
+        for i, output in enumerate(inner.output):
+            if output.endswith(suffix):
+                back[output] = inner.output[i] = output[: -len(suffix)]
+        inner.name = inner.name[: -len(suffix)] if inner.name.endswith(suffix) else inner.name
+    for inner in graph.node:
+        rename_references(inner, back)
+    return list(graph.node)

@@ -40,6 +40,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from sdport.export.onnx_files import json_metadata, set_json_metadata
+from sdport.export.shapes import tensor_shapes
 from sdport.export.subgraphs import graph_reads, outer_references
 
 WINOGRAD_KEY = "sdport.winograd"
@@ -128,28 +129,9 @@ def _plain_3x3(node: onnx.NodeProto) -> bool:
 
 
 def conv_input_shapes(model: onnx.ModelProto, folder: Path, input_dims: dict[str, list[int]]) -> dict[str, list]:
-    """Each Conv's input shape when the graph's inputs have `input_dims` (onnxruntime's symbolic
-    shape inference: it knows the contrib operators that onnx's does not)."""
-    import contextlib
-    import os
-
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    for value in probe.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        for dim, size in zip(dims, input_dims[value.name]):
-            dim.Clear()
-            dim.dim_value = size
-    # It reads a few small initializers' values (Reshape targets) by their relative file names.
-    with contextlib.chdir(folder), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-        inferred = SymbolicShapeInference.infer_shapes(probe, auto_merge=True)
-    shapes = {
-        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-        for v in inferred.graph.value_info
-    }
-    return {n.name: shapes.get(n.input[0]) for n in inferred.graph.node if n.op_type == "Conv"}
+    """Each Conv's input shape when the graph's inputs have `input_dims`."""
+    shapes = tensor_shapes(model, folder, input_dims)
+    return {n.name: shapes.get(n.input[0]) for n in model.graph.node if n.op_type == "Conv"}
 
 
 def _strips(shape: list | None) -> int:
