@@ -75,6 +75,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         prediction_type=args.prediction_type,
         winograd=not args.no_winograd,
         guided_prefix=not args.no_guided_prefix,
+        ff_chunks=not args.no_ff_chunks,
         report=_say(args),
     )
     return 0
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-guided-prefix", action="store_true",
                         help="compute the UNet's start for both halves of a guided batch (default, fp32: "
                              "once, when both halves hold the same latents)")
+    export.add_argument("--no-ff-chunks", action="store_true",
+                        help="run the UNet's transformer feed-forwards on all rows at once (default, fp32: "
+                             "in chunks of rows where that is faster on CPU)")
     export.add_argument("--force", action="store_true", help="replace OUT if it exists")
     export.add_argument("--allow-pickle", action="store_true",
                         help="accept pickled .ckpt/.bin checkpoints (they can run code: trusted sources only)")

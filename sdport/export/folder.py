@@ -124,11 +124,12 @@ def _native_input_dims(graph: ComponentGraph, latent: int) -> dict[str, list[int
 
 def _optimize(traced: Path, stages: _Stages, work: Path, *, optimization: Optimization,
               fp16: bool, half: bool, winograd: bool, native_dims: dict[str, list[int]],
-              guided_shared: tuple[str, ...]) -> tuple[Path, str]:
+              guided_shared: tuple[str, ...], ff_chunks: bool) -> tuple[Path, str]:
     """Optimization stages on the traced graph; returns the final graph and its precision.
     `fp16`: the folder is an fp16 (GPU) export; `half`: this graph is converted to fp16.
     `native_dims`: the graph's input shapes at the model's native size (which convs pay).
-    `guided_shared`: inputs equal in both halves of a guided batch (empty: no guided_prefix stage)."""
+    `guided_shared`: inputs equal in both halves of a guided batch (empty: no guided_prefix stage).
+    `ff_chunks`: the ff_chunks stage, where it pays."""
     name, current = stages.name, traced
     # The optimizers hold several copies of a graph (13.7 GB for an SD 1.5 UNet); in a child
     # process that memory goes back to the system when the stage ends, not to this process's heap.
@@ -141,6 +142,7 @@ def _optimize(traced: Path, stages: _Stages, work: Path, *, optimization: Optimi
         target = "gpu" if fp16 else "cpu"
         current = stages.run("fused", lambda p: run(optimize.fuse_for_onnxruntime, current, p, name, target),
                              work / "fused" / "model.onnx", FP32_TOLERANCE)
+    fused = current
     if half:
         current = stages.run("fp16", lambda p: run(optimize.to_fp16, current, p),
                              work / "fp16" / "model.onnx", FP16_TOLERANCE)
@@ -155,6 +157,11 @@ def _optimize(traced: Path, stages: _Stages, work: Path, *, optimization: Optimi
         shared = json.dumps(list(guided_shared))
         current = stages.run("guided", lambda p: run(optimize.guided_prefix, current, p, shared),
                              work / "guided" / "model.onnx", FP32_TOLERANCE)
+    # Like Winograd, a CPU speed-up: a GPU runs fewer, larger products faster.
+    if ff_chunks and not fp16 and optimization == "ort" and optimize.ff_chunk_candidates(current, fused, native_dims):
+        dims = json.dumps(native_dims)
+        current = stages.run("ff_chunks", lambda p: run(optimize.ff_chunks, current, p, str(fused), dims),
+                             work / "ff_chunks" / "model.onnx", FP32_TOLERANCE)
     return current, "fp32"
 
 
@@ -227,6 +234,7 @@ def export_model(
     prediction_type: str | None = None,
     winograd: bool = True,
     guided_prefix: bool = True,
+    ff_chunks: bool = True,
     report: Reporter | None = _print_stderr,
 ) -> Path:
     """Exports a Stable Diffusion checkpoint to an sdport/optimum ONNX folder at `out`.
@@ -250,6 +258,9 @@ def export_model(
         guided_prefix: in an fp32 export, the UNet computes its start (everything before the
             text enters) once when the two halves of a guided batch hold the same latents
             (export/guided_prefix.py): SD 1.5 guided steps 4% faster on CPU at 512 px.
+        ff_chunks: in an fp32 "ort" export, the UNet's transformer feed-forwards run in chunks
+            of rows where they are large at the native size (export/ff_chunks.py): SD 1.5
+            steps 2-3% faster on CPU at 512 px, the same numbers.
         report: receives one line per stage; None for quiet.
     Returns:
         The path of the finished folder.
@@ -319,7 +330,8 @@ def export_model(
             half = fp16 and (name in FP16_COMPONENTS or (not fp32_vae and name in VAE_COMPONENTS))
             final, precision = _optimize(traced, stages, work, optimization=optimization, fp16=fp16,
                                          half=half, winograd=winograd, native_dims=native_dims,
-                                         guided_shared=graph.guided_shared if guided_prefix else ())
+                                         guided_shared=graph.guided_shared if guided_prefix else (),
+                                         ff_chunks=ff_chunks)
             manifest.graphs[name] = _place(graph, final, tmp, precision=precision,
                                            optimization=optimization, parity=stages.parity)
             shutil.rmtree(work, ignore_errors=True)

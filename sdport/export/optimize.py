@@ -129,6 +129,27 @@ def winograd(src: Path, dst: Path, native_dims_json: str) -> None:
     rewrite_file(src, dst, native_dims_json)
 
 
+def ff_chunk_candidates(path: Path, shapes_from: Path, native_dims: dict[str, list[int]]) -> int:
+    """How many transformer feed-forwards of the graph at `path` the ff_chunks stage would rewrite.
+    `shapes_from`: the same graph before the rewrites with If nodes (Winograd, guided prefix),
+    which symbolic shape inference can't follow."""
+    from sdport.export.ff_chunks import eligible_blocks, find_blocks
+    from sdport.export.shapes import tensor_shapes
+
+    model = onnx.load_model(str(path), load_external_data=False)
+    if not find_blocks(model):
+        return 0
+    plain = onnx.load_model(str(shapes_from), load_external_data=False)
+    return len(eligible_blocks(model, tensor_shapes(plain, shapes_from.parent, native_dims)))
+
+
+def ff_chunks(src: Path, dst: Path, shapes_from: str, native_dims_json: str) -> None:
+    """Transformer feed-forwards that pay at the native input shapes, in chunks of rows."""
+    from sdport.export.ff_chunks import rewrite_file
+
+    rewrite_file(src, dst, Path(shapes_from), native_dims_json)
+
+
 def guided_prefix(src: Path, dst: Path, shared_json: str) -> None:
     """The nodes that guidance's two equal halves compute alike, computed once for both."""
     import json
@@ -166,5 +187,5 @@ def stamp_io(path: Path, inputs, outputs) -> None:
 if __name__ == "__main__":  # in_subprocess: python -m sdport.export.optimize STAGE SRC DST [ARG]
     stage_name, src, dst, *rest = sys.argv[1:]
     stages = {"simplify": simplify, "fuse_for_onnxruntime": fuse_for_onnxruntime, "to_fp16": to_fp16,
-              "winograd": winograd, "guided_prefix": guided_prefix}
+              "winograd": winograd, "guided_prefix": guided_prefix, "ff_chunks": ff_chunks}
     stages[stage_name](Path(src), Path(dst), *rest)

@@ -47,6 +47,7 @@ def quantize_unet(src: Path, dst: Path, winograd: bool = True) -> None:
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from sdport.export.ff_chunks import rewrite_named as rewrite_chunks
     from sdport.export.guided_prefix import share_guided_prefix
     from sdport.export.winograd import rewrite_named
 
@@ -57,7 +58,7 @@ def quantize_unet(src: Path, dst: Path, winograd: bool = True) -> None:
     work = dst.parent / ".matmul"
     work.mkdir(parents=True, exist_ok=True)
     try:
-        source, winograd_convs, guided_shared = _quantizer_input(src, work / "source")
+        source, winograd_convs, guided_shared, chunked = _quantizer_input(src, work / "source")
         winograd_convs = winograd_convs if winograd else {}
         # int8 MatMul weights; only weights (MatMulConstBOnly): attention inputs stay fp32.
         quantize_dynamic(source, work / "model.onnx", op_types_to_quantize=["MatMul"],
@@ -69,27 +70,29 @@ def quantize_unet(src: Path, dst: Path, winograd: bool = True) -> None:
                          use_external_data_format=True, extra_options={"DefaultTensorType": FLOAT})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    # Our layout (one file, or one model.onnx_data when over 2 GB), with the Winograd convs and
-    # the guided prefix back.
+    # Our layout (one file, or one model.onnx_data when over 2 GB), with the Winograd convs, the
+    # guided prefix and the feed-forward chunks back.
     def restore(model) -> None:
         rewrite_named(model, winograd_convs)
         if guided_shared:
             share_guided_prefix(model, guided_shared)
+        rewrite_chunks(model, chunked)
 
     resave(dst, edit=restore)
 
 
-def _quantizer_input(src: Path, work: Path) -> tuple[Path, dict[str, dict], list[str]]:
-    """A copy of `src` that the quantizer can read, its Winograd convs' records by name, and the
-    inputs its guided prefix shares ([] without one).
+def _quantizer_input(src: Path, work: Path) -> tuple[Path, dict[str, dict], list[str], dict[str, dict]]:
+    """A copy of `src` that the quantizer can read, its Winograd convs' records by name, the
+    inputs its guided prefix shares ([] without one), and its feed-forward chunks' records.
 
     The copy imports the com.microsoft domain, which the quantizer's shape inference needs for
     the fused attention nodes (onnxruntime itself loads the graph without it), and has its
-    Winograd convs back as Conv nodes and its guided prefix undone: the quantizer does not look
-    into If branches."""
+    Winograd convs back as Conv nodes and its guided prefix and chunks undone: the quantizer
+    does not look into If branches."""
     import onnx
 
     from sdport.export.attention import unpack_self_attention
+    from sdport.export.ff_chunks import restore_chunks
     from sdport.export.guided_prefix import restore_prefix
     from sdport.export.onnx_files import save_model
     from sdport.export.winograd import restore_convs, winograd_records
@@ -97,6 +100,7 @@ def _quantizer_input(src: Path, work: Path) -> tuple[Path, dict[str, dict], list
 
     work.mkdir(parents=True, exist_ok=True)
     model = onnx.load_model(str(src), load_external_data=False)
+    chunked = restore_chunks(model)
     guided_shared = restore_prefix(model)
     # Folders exported before attention.py: self-attention as CPU flash attention too (exact).
     unpack_self_attention(model)
@@ -108,11 +112,11 @@ def _quantizer_input(src: Path, work: Path) -> tuple[Path, dict[str, dict], list
         onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
         restore_convs(model)
         save_model(model, work / src.name)
-        return work / src.name, winograd_convs, guided_shared
+        return work / src.name, winograd_convs, guided_shared, chunked
     for location in external_data_locations(src):  # copied: onnx refuses hard-linked data files
         shutil.copyfile(src.parent / location, work / location)
     onnx.save_model(model, str(work / src.name))
-    return work / src.name, {}, guided_shared
+    return work / src.name, {}, guided_shared, chunked
 
 
 def unet_feeds(manifest, latent: int, seed: int = 0) -> dict[str, np.ndarray]:
