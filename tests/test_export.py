@@ -44,6 +44,18 @@ def plain_dir(tiny_diffusers_dir: Path, tmp_path_factory) -> Path:
                         optimization="none", report=None)
 
 
+def run_profiled(path: Path, inputs: dict[str, np.ndarray], tmp_path: Path) -> tuple[np.ndarray, list[str]]:
+    """The graph's first output for `inputs`, and the names of the nodes that ran (onnxruntime's
+    profile): which branch of an If ran."""
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    got = session.run(None, inputs)[0]
+    events = json.loads(Path(session.end_profiling()).read_text())
+    return got, [e["name"] for e in events if e.get("cat") == "Node"]
+
+
 def torch_outputs(pipe, component: str, batch: int, h: int, w: int, rng: np.random.Generator):
     """Inputs for `component` and PyTorch's outputs for them, calling diffusers/transformers directly."""
     if component == "text_encoder":

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from test_export import CASES, TOLERANCE, torch_outputs
+from test_export import CASES, TOLERANCE, run_profiled, torch_outputs
 
 from sdport.cli import main
 from sdport.export import ff_chunks
@@ -35,15 +35,9 @@ def _rewrite_all(src: Path, dst: Path, min_rows: int) -> int:
 
 
 def _run(path: Path, inputs: dict[str, np.ndarray], tmp_path: Path) -> tuple[np.ndarray, set[str]]:
-    """The graph's output for `inputs`, and which branches of the chunk Ifs ran (onnxruntime's profile)."""
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    options.profile_file_prefix = str(tmp_path / "profile")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    got = session.run(None, inputs)[0]
-    events = json.loads(Path(session.end_profiling()).read_text())
-    names = [e["name"] for e in events if e.get("cat") == "Node"]
-    return got, {suffix for suffix in (ff_chunks.CHUNK, ff_chunks.WHOLE) if any(suffix in name for name in names)}
+    """The graph's output for `inputs`, and which branches of the chunk Ifs ran."""
+    got, names = run_profiled(path, inputs, tmp_path)
+    return got, {suffix for suffix in (ff_chunks.CHUNK, ff_chunks.WHOLE) if any(suffix in n for n in names)}
 
 
 @pytest.mark.parametrize("min_rows, branch", [(1, ff_chunks.CHUNK), (1 << 40, ff_chunks.WHOLE)])

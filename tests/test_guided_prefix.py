@@ -3,7 +3,6 @@ same numbers as diffusers for every batch, guided or not."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from test_export import TOLERANCE
+from test_export import TOLERANCE, run_profiled
 
 from sdport.export import guided_prefix
 from sdport.export.components import _traceable
@@ -47,16 +46,9 @@ def _diffusers(pipe, inputs: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def _branch_taken(path: Path, inputs: dict[str, np.ndarray], tmp_path: Path) -> tuple[np.ndarray, set[str]]:
-    """The graph's output for `inputs`, and which of the If's branches ran (onnxruntime's profile)."""
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    options.profile_file_prefix = str(tmp_path / "profile")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    got = session.run(None, inputs)[0]
-    events = json.loads(Path(session.end_profiling()).read_text())
-    ran = {suffix for suffix in (guided_prefix.THEN, guided_prefix.ELSE)
-           for e in events if e.get("cat") == "Node" and suffix in e["name"]}
-    return got, ran
+    """The graph's output for `inputs`, and which of the If's branches ran."""
+    got, names = run_profiled(path, inputs, tmp_path)
+    return got, {suffix for suffix in (guided_prefix.THEN, guided_prefix.ELSE) if any(suffix in n for n in names)}
 
 
 @pytest.mark.parametrize(
