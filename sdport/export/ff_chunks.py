@@ -24,7 +24,6 @@ does it again on the quantized graph, where the same nodes then quantize each ch
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -124,14 +123,10 @@ def find_blocks(model: onnx.ModelProto) -> list[_Block]:
     return [block for block in found if block is not None]
 
 
-def eligible_blocks(model: onnx.ModelProto, shapes: dict[str, list] | None) -> list[_Block]:
-    """The blocks worth chunking at the native size, given `shapes` (each tensor's shape there);
-    every row-wise block without."""
-    blocks = find_blocks(model)
-    if shapes is None:
-        return blocks
+def eligible_blocks(model: onnx.ModelProto, shapes: dict[str, list]) -> list[_Block]:
+    """The blocks worth chunking at the native size, given `shapes` (each tensor's shape there)."""
     chosen = []
-    for block in blocks:
+    for block in find_blocks(model):
         shape = shapes.get(block.input)
         if not shape or len(shape) != 3 or shape[0] is None or shape[1] is None:
             continue
@@ -217,17 +212,22 @@ def rewrite_blocks(model: onnx.ModelProto, blocks: list[_Block], min_rows: int) 
     return [block.prefix for block in blocks]
 
 
+def rewrite_prefixes(model: onnx.ModelProto, prefixes: list[str], min_rows: int) -> list[str]:
+    """Rewrites the blocks named by their `prefixes`, which must all still be row-wise."""
+    blocks = [block for block in find_blocks(model) if block.prefix in prefixes]
+    if len(blocks) != len(set(prefixes)):
+        missing = sorted(set(prefixes) - {block.prefix for block in blocks})
+        raise ValueError(f"feed-forwards no longer row-wise: {missing[:3]} ({len(missing)} in all)")
+    return rewrite_blocks(model, blocks, min_rows)
+
+
 def rewrite_named(model: onnx.ModelProto, records: dict[str, dict]) -> list[str]:
     """Rewrites the blocks that `records` (chunk_records of an earlier form of `model`) name, as
-    quantization does after quantizing the restored graph. Raises if one is no longer row-wise."""
-    blocks = [block for block in find_blocks(model) if block.prefix in records]
-    if len(blocks) != len(records):
-        missing = sorted(set(records) - {block.prefix for block in blocks})
-        raise ValueError(f"feed-forwards no longer row-wise: {missing[:3]} ({len(missing)} in all)")
+    quantization does after quantizing the restored graph."""
     done = []
-    for min_rows in sorted({records[block.prefix]["min_rows"] for block in blocks}):
-        done += rewrite_blocks(model, [block for block in blocks if records[block.prefix]["min_rows"] == min_rows],
-                               min_rows)
+    for min_rows in {record["min_rows"] for record in records.values()}:
+        done += rewrite_prefixes(model, [p for p, record in records.items() if record["min_rows"] == min_rows],
+                                 min_rows)
     return done
 
 
@@ -256,14 +256,10 @@ def chunk_records(model: onnx.ModelProto) -> dict[str, dict]:
     return json_metadata(model, CHUNKS_KEY) or {}
 
 
-def rewrite_file(src: Path, dst: Path, shapes_from: Path, input_dims_json: str) -> None:
-    """Export stage: rewrites the blocks of `src` that pay at `input_dims` into `dst`; the shapes
-    are inferred on `shapes_from`, the same graph before the rewrites with If nodes."""
+def rewrite_file(src: Path, dst: Path, prefixes: list[str]) -> None:
+    """Export stage: rewrites the blocks of `src` named by their `prefixes` into `dst`."""
     from sdport.export.onnx_files import save_model
-    from sdport.export.shapes import tensor_shapes
 
-    plain = onnx.load_model(str(shapes_from), load_external_data=False)
-    shapes = tensor_shapes(plain, shapes_from.parent, json.loads(input_dims_json))
     model = onnx.load_model(str(src))
-    rewrite_blocks(model, eligible_blocks(model, shapes), MIN_ROWS)
+    rewrite_prefixes(model, prefixes, MIN_ROWS)
     save_model(model, dst)

@@ -158,9 +158,12 @@ def _optimize(traced: Path, stages: _Stages, work: Path, *, optimization: Optimi
         current = stages.run("guided", lambda p: run(optimize.guided_prefix, current, p, shared),
                              work / "guided" / "model.onnx", FP32_TOLERANCE)
     # Like Winograd, a CPU speed-up: a GPU runs fewer, larger products faster.
-    if ff_chunks and not fp16 and optimization == "ort" and optimize.ff_chunk_candidates(current, fused, native_dims):
-        dims = json.dumps(native_dims)
-        current = stages.run("ff_chunks", lambda p: run(optimize.ff_chunks, current, p, str(fused), dims),
+    chunked = []
+    if ff_chunks and not fp16 and optimization == "ort":
+        chunked = optimize.ff_chunk_blocks(current, fused, native_dims)
+    if chunked:
+        prefixes = json.dumps(chunked)
+        current = stages.run("ff_chunks", lambda p: run(optimize.ff_chunks, current, p, prefixes),
                              work / "ff_chunks" / "model.onnx", FP32_TOLERANCE)
     return current, "fp32"
 

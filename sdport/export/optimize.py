@@ -129,8 +129,8 @@ def winograd(src: Path, dst: Path, native_dims_json: str) -> None:
     rewrite_file(src, dst, native_dims_json)
 
 
-def ff_chunk_candidates(path: Path, shapes_from: Path, native_dims: dict[str, list[int]]) -> int:
-    """How many transformer feed-forwards of the graph at `path` the ff_chunks stage would rewrite.
+def ff_chunk_blocks(path: Path, shapes_from: Path, native_dims: dict[str, list[int]]) -> list[str]:
+    """The transformer feed-forwards of the graph at `path` worth chunking, by block prefix.
     `shapes_from`: the same graph before the rewrites with If nodes (Winograd, guided prefix),
     which symbolic shape inference can't follow."""
     from sdport.export.ff_chunks import eligible_blocks, find_blocks
@@ -138,16 +138,18 @@ def ff_chunk_candidates(path: Path, shapes_from: Path, native_dims: dict[str, li
 
     model = onnx.load_model(str(path), load_external_data=False)
     if not find_blocks(model):
-        return 0
+        return []
     plain = onnx.load_model(str(shapes_from), load_external_data=False)
-    return len(eligible_blocks(model, tensor_shapes(plain, shapes_from.parent, native_dims)))
+    return [block.prefix for block in eligible_blocks(model, tensor_shapes(plain, shapes_from.parent, native_dims))]
 
 
-def ff_chunks(src: Path, dst: Path, shapes_from: str, native_dims_json: str) -> None:
-    """Transformer feed-forwards that pay at the native input shapes, in chunks of rows."""
+def ff_chunks(src: Path, dst: Path, prefixes_json: str) -> None:
+    """The transformer feed-forwards that `prefixes_json` names, in chunks of rows."""
+    import json
+
     from sdport.export.ff_chunks import rewrite_file
 
-    rewrite_file(src, dst, Path(shapes_from), native_dims_json)
+    rewrite_file(src, dst, json.loads(prefixes_json))
 
 
 def guided_prefix(src: Path, dst: Path, shared_json: str) -> None:
