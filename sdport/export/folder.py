@@ -148,9 +148,12 @@ def _optimize(traced: Path, stages: _Stages, work: Path, *, optimization: Optimi
                              work / "fp16" / "model.onnx", FP16_TOLERANCE)
         return current, "fp16"
     # Winograd convolutions are a CPU speed-up: not in an fp16 (GPU) export, nor a portable one.
-    if winograd and not fp16 and optimization == "ort" and optimize.winograd_candidates(current, native_dims):
-        dims = json.dumps(native_dims)
-        current = stages.run("winograd", lambda p: run(optimize.winograd, current, p, dims),
+    convs = {}
+    if winograd and not fp16 and optimization == "ort":
+        convs = optimize.winograd_convs(current, native_dims)
+    if convs:
+        strips = json.dumps(convs)
+        current = stages.run("winograd", lambda p: run(optimize.winograd, current, p, strips),
                              work / "winograd" / "model.onnx", FP32_TOLERANCE)
     # Like Winograd, in fp32 (CPU) folders only: on a GPU its If would stop CUDA-graph capture.
     if guided_shared and not fp16 and optimization != "none":

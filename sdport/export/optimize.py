@@ -112,21 +112,21 @@ def to_fp16(src: Path, dst: Path) -> str | None:
     return save_model(model.model, dst)
 
 
-def winograd_candidates(path: Path, native_dims: dict[str, list[int]]) -> int:
-    """How many 3x3 convolutions of the graph at `path` the winograd stage would rewrite."""
-    from sdport.export.winograd import conv_input_shapes, eligible_convs
+def winograd_convs(path: Path, native_dims: dict[str, list[int]]) -> dict[str, int]:
+    """The 3x3 convolutions of the graph at `path` worth rewriting as Winograd, by name, with the
+    strips each is transformed in."""
+    from sdport.export.winograd import chosen_convs
 
-    model = onnx.load_model(str(path), load_external_data=False)
-    if not eligible_convs(model, None):
-        return 0
-    return len(eligible_convs(model, conv_input_shapes(model, path.parent, native_dims)))
+    return chosen_convs(onnx.load_model(str(path), load_external_data=False), path.parent, native_dims)
 
 
-def winograd(src: Path, dst: Path, native_dims_json: str) -> None:
-    """3x3 convolutions that pay at the native input shapes as Winograd F(4x4, 3x3)."""
+def winograd(src: Path, dst: Path, strips_json: str) -> None:
+    """The 3x3 convolutions that `strips_json` names as Winograd F(4x4, 3x3)."""
+    import json
+
     from sdport.export.winograd import rewrite_file
 
-    rewrite_file(src, dst, native_dims_json)
+    rewrite_file(src, dst, json.loads(strips_json))
 
 
 def ff_chunk_blocks(path: Path, shapes_from: Path, native_dims: dict[str, list[int]]) -> list[str]:

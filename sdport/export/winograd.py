@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -459,16 +458,22 @@ def rewrite_convs(model: onnx.ModelProto, convs: list[_Conv], min_tiles: int = M
     return list(records)[before:]
 
 
-def rewrite_named(model: onnx.ModelProto, records: dict[str, dict]) -> list[str]:
-    """Rewrites the convs that `records` (winograd_records of an earlier form of `model`) name,
-    in place and as they were: quantization restores the Winograd convs, quantizes the other
-    nodes, and then rewrites these again. Raises if one no longer qualifies."""
-    convs = [dataclasses.replace(c, strips=records[c.node.name].get("strips", 1))
-             for c in eligible_convs(model, None) if c.node.name in records]
-    if len(convs) != len(records):  # e.g. a pass in between gave one of them other weights
-        missing = sorted(set(records) - {c.node.name for c in convs})
+def rewrite_chosen(model: onnx.ModelProto, strips: dict[str, int]) -> list[str]:
+    """Rewrites the convs named in `strips`, each transformed in its number of strips, in place.
+    Raises if one no longer qualifies."""
+    convs = [dataclasses.replace(c, strips=strips[c.node.name])
+             for c in eligible_convs(model, None) if c.node.name in strips]
+    if len(convs) != len(strips):  # e.g. a pass in between gave one of them other weights
+        missing = sorted(set(strips) - {c.node.name for c in convs})
         raise ValueError(f"convs no longer eligible for Winograd: {missing[:3]} ({len(missing)} in all)")
     return rewrite_convs(model, convs)
+
+
+def rewrite_named(model: onnx.ModelProto, records: dict[str, dict]) -> list[str]:
+    """Rewrites the convs that `records` (winograd_records of an earlier form of `model`) name, as
+    they were: quantization restores the Winograd convs, quantizes the other nodes, and then
+    rewrites these again."""
+    return rewrite_chosen(model, {name: record.get("strips", 1) for name, record in records.items()})
 
 
 def restore_convs(model: onnx.ModelProto) -> int:
@@ -517,12 +522,18 @@ def has_winograd(model: onnx.ModelProto) -> bool:
     return bool(winograd_records(model))
 
 
-def rewrite_file(src: Path, dst: Path, input_dims_json: str) -> None:
-    """Export stage: rewrites the convs of `src` that pay at `input_dims` into `dst`."""
+def chosen_convs(model: onnx.ModelProto, folder: Path, input_dims: dict[str, list[int]]) -> dict[str, int]:
+    """The convs of `model` (its data in `folder`) where Winograd pays when the graph's inputs have
+    `input_dims`, by name, with the strips each is transformed in."""
+    if not eligible_convs(model, None):  # no shape inference for a graph with no candidate
+        return {}
+    return {c.node.name: c.strips for c in eligible_convs(model, conv_input_shapes(model, folder, input_dims))}
+
+
+def rewrite_file(src: Path, dst: Path, strips: dict[str, int]) -> None:
+    """Export stage: rewrites the convs of `src` that `strips` names (chosen_convs) into `dst`."""
     from sdport.export.onnx_files import save_model
 
-    model = onnx.load_model(str(src), load_external_data=False)
-    shapes = conv_input_shapes(model, src.parent, json.loads(input_dims_json))
-    onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
-    rewrite_convs(model, eligible_convs(model, shapes))
+    model = onnx.load_model(str(src))
+    rewrite_chosen(model, strips)
     save_model(model, dst)
