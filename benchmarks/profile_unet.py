@@ -82,10 +82,49 @@ def attention_flops(op: str, inputs: list[list[int]]) -> int:
 # A control-flow node's time is that of the subgraph it ran, whose nodes the profiler records too
 # (the Winograd If nodes: counted both ways, the kernel times summed to 10.3 s of an 8.5 s step).
 CONTROL_FLOW = ("If", "Loop", "Scan")
+COSTLIEST_SHAPES = 12  # node groups (operator, input shapes) listed by time
 
 
-def summarize_profile(events: list[dict], run_index: int, runs: int) -> dict:
-    """Per operator type: seconds, share and operations of run `run_index` of `runs` in the trace."""
+def constant_shapes(path: Path) -> dict[str, list[list[int] | None]]:
+    """Per node of the graph at `path` (subgraphs included): each input's dims where it is an
+    initializer, else None."""
+    import onnx
+
+    def walk(graph, known: dict[str, list[int]], out: dict) -> dict:
+        known = {**known, **{t.name: list(t.dims) for t in graph.initializer}}
+        for node in graph.node:
+            out[node.name] = [known.get(name) for name in node.input]
+            for attribute in node.attribute:
+                for sub in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                    walk(sub, known, out)
+        return out
+
+    return walk(onnx.load_model(str(path), load_external_data=False).graph, {}, {})
+
+
+def _input_shapes(event: dict, constants: dict[str, list[list[int] | None]]) -> list[list[int]]:
+    """A node's input shapes. The profiler leaves out the weights a kernel packed ahead (MatMul's
+    and Gemm's B, read from the session cache's entry): those come from the graph, filling its
+    constant inputs from the second on."""
+    recorded = [next(iter(s.values())) for s in event["args"].get("input_type_shape", [])]
+    inputs = constants.get(event["name"][: -len("_kernel_time")], [])
+    missing = len(inputs) - len(recorded)
+    if missing <= 0:
+        return recorded
+    rebuilt, given = [], iter(recorded)
+    for index, dims in enumerate(inputs):
+        if dims is not None and index > 0 and missing > 0:
+            rebuilt.append(dims)
+            missing -= 1
+        else:
+            rebuilt.append(next(given, []))
+    return rebuilt
+
+
+def summarize_profile(events: list[dict], run_index: int, runs: int,
+                      constants: dict[str, list[list[int] | None]] | None = None) -> dict:
+    """Per operator type: seconds, share and operations of run `run_index` of `runs` in the trace.
+    `constants`: the graph's constant_shapes, for the inputs the profiler leaves out."""
     nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
     per_run = len(nodes) // runs
     chosen = [e for e in nodes[run_index * per_run:(run_index + 1) * per_run]
@@ -96,16 +135,25 @@ def summarize_profile(events: list[dict], run_index: int, runs: int) -> dict:
     attention = 0
     for e in chosen:
         op = e["args"]["op_name"]
-        shapes_in = [next(iter(s.values())) for s in e["args"].get("input_type_shape", [])]
+        shapes_in = _input_shapes(e, constants or {})
         shapes_out = [next(iter(s.values())) for s in e["args"].get("output_type_shape", [])]
-        seconds[op] += e["dur"] / 1e6
-        flops[op] += node_flops(op, shapes_in, shapes_out)
+        # Keyed by operator and input shapes too: which products run below the ceiling, and
+        # which shapes cost the most, is what an operator's total hides.
+        for key in (op, (op, json.dumps(shapes_in))):
+            seconds[key] += e["dur"] / 1e6
+            flops[key] += node_flops(op, shapes_in, shapes_out)
+            count[key] += 1
         attention += attention_flops(op, shapes_in)
-        count[op] += 1
-    total = sum(seconds.values())
-    ops = {op: {"s": s, "share": s / total, "gflop": flops[op] / 1e9, "nodes": count[op]}
-           for op, s in sorted(seconds.items(), key=lambda kv: -kv[1])}
-    return {"kernel_s": total, "gflop": sum(flops.values()) / 1e9, "attention_gflop": attention / 1e9, "ops": ops}
+
+    def summary(key, s: float) -> dict:
+        return {"s": s, "share": s / total, "gflop": flops[key] / 1e9, "nodes": count[key]}
+
+    total = sum(s for key, s in seconds.items() if isinstance(key, str))
+    by_time = sorted(seconds.items(), key=lambda kv: -kv[1])
+    ops = {key: summary(key, s) for key, s in by_time if isinstance(key, str)}
+    shapes = [{"op": key[0], "inputs": key[1], **summary(key, s)} for key, s in by_time if isinstance(key, tuple)]
+    return {"kernel_s": total, "gflop": sum(o["gflop"] for o in ops.values()), "attention_gflop": attention / 1e9,
+            "ops": ops, "shapes": shapes[:COSTLIEST_SHAPES]}
 
 
 # --- workers: each runs in its own process and prints one JSON line ----------------------------
@@ -122,7 +170,7 @@ def worker_profile_sdport(folder: str, size: int, graph: str = "unet") -> dict:
     spec = manifest.graphs[graph]
     fused = spec.optimization == "ort"
     prefix = str(Path(tempfile.mkdtemp(prefix="sdport-profile-")) / graph)
-    session, _ = open_session(check_graph_files(Path(folder), spec.file), "cpu", fused, ["CPUExecutionProvider"],
+    session, loaded = open_session(check_graph_files(Path(folder), spec.file), "cpu", fused, ["CPUExecutionProvider"],
                               profile_prefix=prefix)  # as the pipeline
     latent = size // manifest.vae_scale
     if graph == "unet":
@@ -133,7 +181,7 @@ def worker_profile_sdport(folder: str, size: int, graph: str = "unet") -> dict:
     # The first run allocates its memory.
     times = bench_sd.run_times(lambda: session.run(None, feeds), 2)
     trace = Path(session.end_profiling())
-    summary = summarize_profile(json.loads(trace.read_text()), run_index=1, runs=2)
+    summary = summarize_profile(json.loads(trace.read_text()), run_index=1, runs=2, constants=constant_shapes(loaded))
     trace.unlink()
     trace.parent.rmdir()
     return {"first_s": times[0], "step_s": times[1], **summary}
@@ -269,6 +317,15 @@ def table(r: dict) -> str:
             ceiling = int8_ceiling if _is_int8(op) else fp32_ceiling
             lines.append(f"| {op} | {o['nodes']} | {o['s']:.2f} | {100 * o['share']:.1f}% | "
                          + (f"{o['gflop']:.4g} | {rate:.0f} | {100 * rate / ceiling:.0f}% |" if rate else "- | - | - |"))
+        if p.get("shapes"):  # JSON of earlier runs has none
+            lines += ["", f"The costliest nodes of sdport {name}, by operator and input shapes:", "",
+                      "| operator | inputs | nodes | time (s) | share | GFLOP/s | of its ceiling |",
+                      "|---|---|---|---|---|---|---|"]
+        for o in p.get("shapes", []):
+            rate = o["gflop"] / o["s"] if o["gflop"] and o["s"] else None
+            ceiling = int8_ceiling if _is_int8(o["op"]) else fp32_ceiling
+            lines.append(f"| {o['op']} | {o['inputs']} | {o['nodes']} | {o['s']:.3f} | {100 * o['share']:.1f}% | "
+                         + (f"{rate:.0f} | {100 * rate / ceiling:.0f}% |" if rate else "- | - |"))
         lines.append("")
     fp32 = r["sdport"]["fp32"]
     floor = fp32["gflop"] / fp32_ceiling
