@@ -266,29 +266,68 @@ def test_last_run_returns_the_arena_to_the_os(tmp_path):
     assert plain.run({"x": x}, last=True)["y"] == first
 
 
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads resident memory from Linux's /proc")
-def test_last_run_drops_the_weights_resident_pages(tmp_path, monkeypatch):
-    """From the pre-optimized cache onnxruntime reads external weights in place from a memory map;
-    after a run marked `last` their pages leave the resident set, and the next run reads them
-    back with the same result. (Without the cache onnxruntime prepacks them into its own memory.)"""
+def _matmul_model(folder: Path, n: int) -> tuple[Path, np.ndarray]:
+    """A one-MatMul graph with an n x n float32 weight in an external data file, and an input."""
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
-    from sdport.runtime.sessions import Graph
-
-    monkeypatch.setenv("SDPORT_ORT_CACHE", str(tmp_path / "cache"))
-    n = 4096  # a 64 MB weight, and activations of a few kB
     weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32), "w")
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [weight],
     )
-    path = tmp_path / "model" / "model.onnx"
+    path = folder / "model.onnx"
     path.parent.mkdir()
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
               save_as_external_data=True, location="model.onnx_data", size_threshold=0)
-    x = np.random.default_rng(1).standard_normal((1, n)).astype(np.float32)
+    return path, np.random.default_rng(1).standard_normal((1, n)).astype(np.float32)
+
+
+def _anonymous_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssAnon")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux's /proc")
+def test_cache_entries_hold_the_packed_weights(tmp_path, monkeypatch):
+    """The MatMul kernel packs its constant weight. From the pre-optimized cache the packed copy is
+    read from the entry's file, mapped: opening the graph adds no private memory, where without
+    the cache onnxruntime packs the 64 MB weight into its own. The outputs are the same."""
+    from sdport.runtime.sessions import Graph
+
+    path, x = _matmul_model(tmp_path / "model", 4096)
+    monkeypatch.setenv("SDPORT_ORT_CACHE", str(tmp_path / "cache"))
+    Graph("unet", path, "cpu", fused=False)  # writes the entry
+    (entry_data,) = (tmp_path / "cache").glob("*/model.onnx_data")
+    assert entry_data.stat().st_size > path.with_name("model.onnx_data").stat().st_size  # + the packed copy
+
+    def opened_and_run() -> tuple[float, np.ndarray]:
+        before = _anonymous_mb()
+        g = Graph("unet", path, "cpu", fused=False)
+        grown = _anonymous_mb() - before
+        return grown, g.run({"x": x})["y"]
+
+    cached_growth, cached = opened_and_run()
+    monkeypatch.setenv("SDPORT_ORT_CACHE", "0")
+    packed_growth, packed = opened_and_run()
+    assert cached_growth < 16
+    assert packed_growth > 60
+    assert np.array_equal(cached, packed)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads resident memory from Linux's /proc")
+def test_last_run_drops_the_weights_resident_pages(tmp_path, monkeypatch):
+    """From the pre-optimized cache onnxruntime reads external weights in place from a memory map;
+    after a run marked `last` their pages leave the resident set, and the next run reads them
+    back with the same result. The cache's entry holds the weight as the MatMul kernel packs it, and
+    that is mapped too. (Without the cache onnxruntime packs it into its own memory.)"""
+    from sdport.runtime.sessions import Graph
+
+    monkeypatch.setenv("SDPORT_ORT_CACHE", str(tmp_path / "cache"))
+    path, x = _matmul_model(tmp_path / "model", 4096)  # a 64 MB weight, and activations of a few kB
 
     g = Graph("unet", path, "cpu", fused=False)  # no arena: only the weights move
     (data,) = g.weight_files

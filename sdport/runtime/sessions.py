@@ -52,12 +52,13 @@ Say = Callable[[str], None]
 
 
 # --- weights' resident pages ------------------------------------------------------------------
-# onnxruntime memory-maps a graph's external weights and reads them in place (prepacking is off,
-# see preoptimized_options), so once touched they count in the process's resident memory until
-# it ends: the text encoder's 0.3 GB stay resident through every UNet step. Those pages are clean
-# copies of the file, so after a graph's last run for a while they are dropped from this process
-# (madvise MADV_DONTNEED); they stay in the kernel's page cache and come back on the next run by
-# a page fault, not a disk read (15 ms for the SD 1.5 text encoder's 324 MB on 2 cores).
+# onnxruntime memory-maps a graph's external weights and reads them in place (from the
+# pre-optimized cache the packed ones too, see preoptimized_options), so once touched they count
+# in the process's resident memory until it ends: the text encoder's 0.3 GB stay resident through
+# every UNet step. Those pages are clean copies of the file, so after a graph's last run for a
+# while they are dropped from this process (madvise MADV_DONTNEED); they stay in the kernel's page
+# cache and come back on the next run by a page fault, not a disk read (15 ms for the SD 1.5 text
+# encoder's 324 MB on 2 cores).
 _MADV_DONTNEED = 4  # Linux; the call is skipped elsewhere
 # A graph whose weight files are smaller keeps its pages: each release walks smaps (~10 ms with an
 # SD pipeline's sessions open, 2 cores), which was a third of a tiny model's 64 px image (85 ms
@@ -506,9 +507,9 @@ class Graph:
 
 # --- pre-optimized graphs: optimized once, cached, then loaded as they are ----------------------
 # Graph optimization runs at every session creation (1.3 s for an SD 1.5 UNet at EXTENDED, 7-13 s
-# at ALL). Done once and saved with `optimized_model_filepath`, the saved graph loads in ~0.05 s
-# with optimizations off and weight prepacking off (memory-mapped weights stay shared; measured no
-# slower). EXTENDED, not ALL, is saved: ALL's NCHWc layouts ran the int8 UNet 2x slower and the
+# at ALL). Done once and saved with `optimized_model_filepath`, with the matrix-product kernels'
+# packed weights beside the others, the saved graph loads with optimizations off and every weight
+# memory-mapped (shared, and nothing to pack; preoptimized_options). EXTENDED, not ALL, is saved: ALL's NCHWc layouts ran the int8 UNet 2x slower and the
 # fp32 one no faster (bench_sd.py, 2 cores, 2026-11-25). A saved graph is tied to the CPU type and
 # the onnxruntime version, so both are in the cache key.
 # On CUDA the same holds at the provider's own EXTENDED level: an SD 1.5 fp16 UNet's session took
@@ -573,7 +574,8 @@ def graph_cache_key(path: Path, fused: bool, provider: str = "cpu") -> str:
         digest.update(f"{location}|{_file_identity(Path(path).parent / location)}".encode())
     level = session_options(provider, fused).graph_optimization_level
     hardware = _cpu_identity() if provider == "cpu" else f"{provider}|{_gpu_identity()}"
-    digest.update(f"{ort.__version__}|{hardware}|fused={fused}|level={level}|v3".encode())
+    # v4: CPU entries hold the packed weights (preoptimized_options)
+    digest.update(f"{ort.__version__}|{hardware}|fused={fused}|level={level}|v4".encode())
     return digest.hexdigest()[:32]
 
 
@@ -608,6 +610,8 @@ def _preoptimize(path: Path, entry: Path, provider: str, fused: bool, providers:
         # Weights go to one data file beside it (an SD 1.5 UNet is over protobuf's 2 GB limit).
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx_data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        if provider == "cpu":  # the CPU kernels' packed weights too (preoptimized_options)
+            options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         del session
         _trim_heap()
@@ -645,12 +649,18 @@ def cache_entry_source(entry: Path) -> dict[str, str] | None:
 
 
 def preoptimized_options(fused: bool, provider: str = "cpu") -> ort.SessionOptions:
-    """Options for loading a cached pre-optimized graph: nothing left to optimize, no prepacking."""
+    """Options for loading a cached pre-optimized graph: nothing left to optimize; on CPU the
+    weights packed for the matrix-product kernels are mapped from the entry as saved."""
     options = session_options(provider, fused)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    # Prepacking copies every weight into private packed buffers (~+1 GB on an SD 1.5 UNet);
-    # measured no slower without it on the pre-optimized graph.
-    options.add_session_config_entry("session.disable_prepacking", "1")
+    # Packed at session creation, the weights would be private copies (3 s and ~+1 GB for an SD
+    # 1.5 UNet); unpacked, each product packs its weights at every run: SD 1.5's 512 px step took
+    # 7.0 s instead of 6.0-6.9 s (fp32) and 5.6-5.8 s instead of 4.3-4.4 s (int8) on a 2-core Zen
+    # 4 (2026-11-28). Saved in the entry (_preoptimize), they load mapped like the other weights,
+    # at ~1 s more session creation and +0.3 GB resident for that UNet. CUDA's entries hold no
+    # packed CPU weights: there it stays off.
+    if provider != "cpu":
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return options
 
 
