@@ -1,14 +1,14 @@
 """Weight files read into the kernel's page cache ahead of a graph's first run.
 
 On CPU onnxruntime maps a graph's external weights and reads them in place (packed ones too, as
-saved in the pre-optimized cache: sessions.preoptimized_options). When the files are not in the page cache (after a reboot, or
-once the kernel has dropped them) the first run reads them from disk by page faults, a readahead
-window at a time, and waits for each. Asked for in the background as each session opens, they
-are read ahead of the run instead. SD 1.5-sized fp32 at 512 px on 2 cores, one-step
-text-to-image from process start with the weight files out of the page cache: 9.7-10.0 s
-against 10.7-11.1 s, the UNet's first run 4.0-4.5 s against 5.2-5.7 s. With the files cached it
-changes nothing measurable (8.4-8.8 s against 8.5-8.8 s). The price: pages read this way stay
-cached as 4 KB pages, so a later process's first run of the graph maps them 4 KB at a fault
+saved in the pre-optimized cache: sessions.preoptimized_options). When the files are not in the
+page cache (after a reboot, or once the kernel has dropped them) the first run reads them from
+disk by page faults, a readahead window at a time, and waits for each. Asked for in the background
+as each session opens, they are read ahead of the run instead. SD 1.5-sized fp32 at 512 px on 2
+cores, one-step text-to-image from process start with the weight files out of the page cache:
+9.7-10.0 s against 10.7-11.1 s, the UNet's first run 4.0-4.5 s against 5.2-5.7 s. With the files
+cached it changes nothing measurable (8.4-8.8 s against 8.5-8.8 s). The price: pages read this way
+stay cached as 4 KB pages, so a later process's first run of the graph maps them 4 KB at a fault
 instead of up to 2 MB; its next start was 0.0-0.9 s slower, within this machine's spread.
 
 One thread reads the files in the order they were asked for: the order the pipeline opens its

@@ -509,9 +509,10 @@ class Graph:
 # Graph optimization runs at every session creation (1.3 s for an SD 1.5 UNet at EXTENDED, 7-13 s
 # at ALL). Done once and saved with `optimized_model_filepath`, with the matrix-product kernels'
 # packed weights beside the others, the saved graph loads with optimizations off and every weight
-# memory-mapped (shared, and nothing to pack; preoptimized_options). EXTENDED, not ALL, is saved: ALL's NCHWc layouts ran the int8 UNet 2x slower and the
-# fp32 one no faster (bench_sd.py, 2 cores, 2026-11-25). A saved graph is tied to the CPU type and
-# the onnxruntime version, so both are in the cache key.
+# memory-mapped (shared, and nothing to pack; preoptimized_options). EXTENDED, not ALL, is saved:
+# ALL's NCHWc layouts ran the int8 UNet 2x slower and the fp32 one no faster (bench_sd.py, 2
+# cores, 2026-11-25). A saved graph is tied to the CPU type and the onnxruntime version, so both
+# are in the cache key.
 # On CUDA the same holds at the provider's own EXTENDED level: an SD 1.5 fp16 UNet's session took
 # 2.6 s to make, 0.8 s from the saved graph, with the same output and step time (H100, 2026-11-26).
 # There the key names the provider and the GPU instead of the CPU.
