@@ -222,11 +222,16 @@ def test_nan_from_a_component_names_it(tiny_onnx_dir, monkeypatch):
         pipe.generate("a fox", steps=3, progress=False)
 
 
-def _resident_mb() -> float:
+def _status_mb(field: str = "VmRSS") -> float:
+    """A memory figure of this process from /proc/self/status (resident set by default)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")
+
+
+def _resident_mb() -> float:
+    return _status_mb()
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux's /proc")
@@ -285,10 +290,7 @@ def _matmul_model(folder: Path, n: int) -> tuple[Path, np.ndarray]:
 
 
 def _anonymous_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no RssAnon")
+    return _status_mb("RssAnon")
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux's /proc")
