@@ -56,6 +56,15 @@ def run_profiled(path: Path, inputs: dict[str, np.ndarray], tmp_path: Path) -> t
     return got, [e["name"] for e in events if e.get("cat") == "Node"]
 
 
+def cli_export_keywords(monkeypatch, tmp_path: Path, *flag_sets: list[str]) -> list[dict]:
+    """The keyword arguments export_model gets from `sdport export` with each set of flags."""
+    calls = []
+    monkeypatch.setattr(export_folder, "export_model", lambda *args, **kwargs: calls.append(kwargs))
+    for flags in flag_sets:
+        assert main(["export", str(tmp_path / "src"), str(tmp_path / "out"), *flags, "-q"]) == 0
+    return calls
+
+
 def torch_outputs(pipe, component: str, batch: int, h: int, w: int, rng: np.random.Generator):
     """Inputs for `component` and PyTorch's outputs for them, calling diffusers/transformers directly."""
     if component == "text_encoder":

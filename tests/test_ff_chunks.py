@@ -10,9 +10,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from test_export import CASES, TOLERANCE, run_profiled, torch_outputs
+from test_export import CASES, TOLERANCE, cli_export_keywords, run_profiled, torch_outputs
 
-from sdport.cli import main
 from sdport.export import ff_chunks
 from sdport.export.folder import export_model
 from sdport.export.quantize import quantize_model
@@ -130,10 +129,5 @@ def test_export_checks_the_chunks_against_pytorch_and_int8_keeps_them(tiny_diffu
 
 
 def test_cli_no_ff_chunks_reaches_the_export(monkeypatch, tmp_path):
-    from sdport.export import folder
-
-    calls = []
-    monkeypatch.setattr(folder, "export_model", lambda *args, **kwargs: calls.append(kwargs))
-    for flags in (["--no-ff-chunks"], []):
-        assert main(["export", str(tmp_path / "src"), str(tmp_path / "out"), *flags, "-q"]) == 0
+    calls = cli_export_keywords(monkeypatch, tmp_path, ["--no-ff-chunks"], [])
     assert [call["ff_chunks"] for call in calls] == [False, True]

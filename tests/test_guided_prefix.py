@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from test_export import TOLERANCE, run_profiled
+from test_export import TOLERANCE, cli_export_keywords, run_profiled
 
 from sdport.export import guided_prefix
 from sdport.export.components import _traceable
@@ -219,13 +219,7 @@ def test_batched_timestep_and_measured_tensors(tmp_path):
 
 
 def test_cli_no_guided_prefix_reaches_the_export(monkeypatch, tmp_path):
-    from sdport.cli import main
-    from sdport.export import folder
-
-    calls = []
-    monkeypatch.setattr(folder, "export_model", lambda *args, **kwargs: calls.append(kwargs))
-    for flags in (["--no-guided-prefix"], []):
-        assert main(["export", str(tmp_path / "src"), str(tmp_path / "out"), *flags, "-q"]) == 0
+    calls = cli_export_keywords(monkeypatch, tmp_path, ["--no-guided-prefix"], [])
     assert [call["guided_prefix"] for call in calls] == [False, True]
 
 
