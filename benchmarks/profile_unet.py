@@ -129,31 +129,31 @@ def summarize_profile(events: list[dict], run_index: int, runs: int,
     per_run = len(nodes) // runs
     chosen = [e for e in nodes[run_index * per_run:(run_index + 1) * per_run]
               if e["args"]["op_name"] not in CONTROL_FLOW]
-    seconds: dict[str, float] = collections.Counter()
-    flops: dict[str, int] = collections.Counter()
-    count: dict[str, int] = collections.Counter()
+    # Per operator and input shapes (which products run below the ceiling, and which shapes cost
+    # the most, is what an operator's total hides); the operators' totals are their sums.
+    groups: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
     attention = 0
     for e in chosen:
         op = e["args"]["op_name"]
         shapes_in = _input_shapes(e, constants or {})
         shapes_out = [next(iter(s.values())) for s in e["args"].get("output_type_shape", [])]
-        # Keyed by operator and input shapes too: which products run below the ceiling, and
-        # which shapes cost the most, is what an operator's total hides.
-        for key in (op, (op, json.dumps(shapes_in))):
-            seconds[key] += e["dur"] / 1e6
-            flops[key] += node_flops(op, shapes_in, shapes_out)
-            count[key] += 1
+        groups[op, json.dumps(shapes_in)].update(s=e["dur"] / 1e6, flops=node_flops(op, shapes_in, shapes_out), nodes=1)
         attention += attention_flops(op, shapes_in)
+    ops: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for (op, _), group in groups.items():
+        ops[op].update(group)
+    total = sum(o["s"] for o in ops.values())
 
-    def summary(key, s: float) -> dict:
-        return {"s": s, "share": s / total, "gflop": flops[key] / 1e9, "nodes": count[key]}
+    def by_time(items):
+        return sorted(items, key=lambda kv: -kv[1]["s"])
 
-    total = sum(s for key, s in seconds.items() if isinstance(key, str))
-    by_time = sorted(seconds.items(), key=lambda kv: -kv[1])
-    ops = {key: summary(key, s) for key, s in by_time if isinstance(key, str)}
-    shapes = [{"op": key[0], "inputs": key[1], **summary(key, s)} for key, s in by_time if isinstance(key, tuple)]
-    return {"kernel_s": total, "gflop": sum(o["gflop"] for o in ops.values()), "attention_gflop": attention / 1e9,
-            "ops": ops, "shapes": shapes[:COSTLIEST_SHAPES]}
+    def summary(g: collections.Counter) -> dict:
+        return {"s": g["s"], "share": g["s"] / total, "gflop": g["flops"] / 1e9, "nodes": g["nodes"]}
+
+    shapes = [{"op": op, "inputs": inputs, **summary(g)} for (op, inputs), g in by_time(groups.items())]
+    return {"kernel_s": total, "gflop": sum(o["flops"] for o in ops.values()) / 1e9,
+            "attention_gflop": attention / 1e9, "ops": {op: summary(g) for op, g in by_time(ops.items())},
+            "shapes": shapes[:COSTLIEST_SHAPES]}
 
 
 # --- workers: each runs in its own process and prints one JSON line ----------------------------
@@ -170,8 +170,8 @@ def worker_profile_sdport(folder: str, size: int, graph: str = "unet") -> dict:
     spec = manifest.graphs[graph]
     fused = spec.optimization == "ort"
     prefix = str(Path(tempfile.mkdtemp(prefix="sdport-profile-")) / graph)
-    session, loaded = open_session(check_graph_files(Path(folder), spec.file), "cpu", fused, ["CPUExecutionProvider"],
-                              profile_prefix=prefix)  # as the pipeline
+    session, loaded = open_session(check_graph_files(Path(folder), spec.file), "cpu", fused,
+                                   ["CPUExecutionProvider"], profile_prefix=prefix)  # as the pipeline
     latent = size // manifest.vae_scale
     if graph == "unet":
         feeds = unet_feeds(manifest, latent)
