@@ -31,7 +31,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from sdport.export.onnx_files import json_metadata, set_json_metadata
-from sdport.export.subgraphs import copy_nodes, inline_branch
+from sdport.export.subgraphs import copy_nodes, inline_branch, node_maker
 
 CHUNKS_KEY = "sdport.ff_chunks"  # metadata: {block prefix: {"input": name, "output": name, "min_rows": n}}
 CHUNKS = 8
@@ -143,30 +143,26 @@ def _ints(name: str, values: list[int]) -> onnx.TensorProto:
 def _choose(block: _Block, min_rows: int) -> list[onnx.NodeProto]:
     """The If for `block` and the nodes computing its condition."""
     p = block.prefix + "ff_chunks/"
-    check, condition = [], p + "condition"
-    check.append(helper.make_node("Shape", [block.input], [p + "shape"], name=p + "shape"))
-    check.append(helper.make_node("Slice", [p + "shape", p + "zero", p + "one"], [p + "batch"], name=p + "batch"))
-    check.append(helper.make_node("Slice", [p + "shape", p + "one", p + "two"], [p + "tokens"], name=p + "tokens"))
-    check.append(helper.make_node("Mul", [p + "batch", p + "tokens"], [p + "rows"], name=p + "rows"))
-    check.append(helper.make_node("GreaterOrEqual", [p + "rows", p + "min_rows"], [p + "enough_rows"],
-                                  name=p + "enough_rows"))
-    check.append(helper.make_node("GreaterOrEqual", [p + "tokens", p + "chunks"], [p + "enough_tokens"],
-                                  name=p + "enough_tokens"))
-    check.append(helper.make_node("And", [p + "enough_rows", p + "enough_tokens"], [p + "both"], name=p + "both"))
-    check.append(helper.make_node("Squeeze", [p + "both"], [condition], name=condition))
+    check: list[onnx.NodeProto] = []
+    n = node_maker(check, p)
+    shape = n("Shape", [block.input], "shape")
+    batch = n("Slice", [shape, p + "zero", p + "one"], "batch")
+    tokens = n("Slice", [shape, p + "one", p + "two"], "tokens")
+    enough_rows = n("GreaterOrEqual", [n("Mul", [batch, tokens], "rows"), p + "min_rows"], "enough_rows")
+    enough_tokens = n("GreaterOrEqual", [tokens, p + "chunks"], "enough_tokens")
+    condition = n("Squeeze", [n("And", [enough_rows, enough_tokens], "both")], "condition")
     constants = [_ints(p + "zero", [0]), _ints(p + "one", [1]), _ints(p + "two", [2]),
                  _ints(p + "min_rows", [min_rows]), _ints(p + "chunks", [CHUNKS]), _ints(p + "rest", [CHUNKS - 1])]
     check[:0] = [helper.make_node("Constant", [], [c.name], name=c.name, value=c) for c in constants]
 
     # Chunks of tokens // CHUNKS, the last one with what is left over.
-    inside = [
-        helper.make_node("Div", [p + "tokens", p + "chunks"], [p + "size"], name=p + "size"),
-        helper.make_node("Mul", [p + "size", p + "rest"], [p + "before_last"], name=p + "before_last"),
-        helper.make_node("Sub", [p + "tokens", p + "before_last"], [p + "last"], name=p + "last"),
-        helper.make_node("Concat", [p + "size"] * (CHUNKS - 1) + [p + "last"], [p + "sizes"], name=p + "sizes", axis=0),
-        helper.make_node("Split", [block.input, p + "sizes"], [f"{p}in{j}" for j in range(CHUNKS)], name=p + "split",
-                         axis=1),
-    ]
+    inside: list[onnx.NodeProto] = []
+    m = node_maker(inside, p)
+    size = m("Div", [tokens, p + "chunks"], "size")
+    last = m("Sub", [tokens, m("Mul", [size, p + "rest"], "before_last")], "last")
+    sizes = m("Concat", [size] * (CHUNKS - 1) + [last], "sizes", axis=0)
+    inside.append(helper.make_node("Split", [block.input, sizes], [f"{p}in{j}" for j in range(CHUNKS)],
+                                   name=p + "split", axis=1))
     for j in range(CHUNKS):
         mapping = {block.input: f"{p}in{j}"}
         inside += copy_nodes(block.nodes, f"{CHUNK}{j}", mapping)

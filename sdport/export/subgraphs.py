@@ -16,6 +16,17 @@ def attribute_graphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     return graphs
 
 
+def node_maker(nodes: list[onnx.NodeProto], prefix: str):
+    """n(op, inputs, output, **attrs): appends a node named and outputting `prefix + output`, and
+    returns that name."""
+
+    def n(op: str, inputs: list[str], output: str, **attrs) -> str:
+        nodes.append(onnx.helper.make_node(op, inputs, [prefix + output], name=prefix + output, **attrs))
+        return prefix + output
+
+    return n
+
+
 def _locals(graph: onnx.GraphProto) -> set[str]:
     return {value.name for value in graph.input} | {init.name for init in graph.initializer}
 

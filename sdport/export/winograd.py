@@ -40,7 +40,7 @@ from onnx import helper, numpy_helper
 
 from sdport.export.onnx_files import json_metadata, set_json_metadata
 from sdport.export.shapes import tensor_shapes
-from sdport.export.subgraphs import graph_reads, outer_references
+from sdport.export.subgraphs import graph_reads, node_maker, outer_references
 
 WINOGRAD_KEY = "sdport.winograd"
 TILE = 4  # output tile side; input tiles are TILE + 2 = 6
@@ -194,7 +194,7 @@ class _Builder:
         x, y = node.input[0], node.output[0]
         ints = self.ints
         nodes: list[onnx.NodeProto] = []
-        n = _node_maker(nodes, p)
+        n = node_maker(nodes, p)
 
         # ceil(H / 4) x ceil(W / 4) tiles: Winograd where there are MIN_TILES, else the direct sum.
         shape = n("Shape", [x], "shape")
@@ -244,7 +244,7 @@ class _Builder:
         ints = self.ints
         tiles, tile_rows, tile_cols = tile_grid
         nodes: list[onnx.NodeProto] = []
-        n = _node_maker(nodes, p)
+        n = node_maker(nodes, p)
         # No Pad node: the input transform's Conv pads by itself (_Products.tiles). onnxruntime's
         # Pad runs on one thread: 12 ms per 134 MB, 0.17 s of a 512 px VAE decode.
         batch = n("Slice", [n("Shape", [x], "x_shape"), ints(0), ints(1)], "batch")
@@ -287,9 +287,9 @@ class _Builder:
                   "extra", keepdims=0)
         is_exact = n("Equal", [extra, self.constant("winograd/zero", np.array(0, np.int64))], "exact")
         exact_nodes: list[onnx.NodeProto] = []
-        exact = covered(_node_maker(exact_nodes, p), "exact_out")
+        exact = covered(node_maker(exact_nodes, p), "exact_out")
         cropped_nodes: list[onnx.NodeProto] = []
-        m = _node_maker(cropped_nodes, p)
+        m = node_maker(cropped_nodes, p)
         cropped = m("Slice", [covered(m, "covered_out"), ints(0, 0), hw, ints(2, 3)], "cropped_out")
         n("If", [is_exact], "winograd_out", then_branch=_branch(p + "exact", exact_nodes, exact),
           else_branch=_branch(p + "cropped", cropped_nodes, cropped))
@@ -303,7 +303,7 @@ class _Builder:
         MIN_TILES tiles)."""
         ints = self.ints
         nodes: list[onnx.NodeProto] = []
-        n = _node_maker(nodes, p)
+        n = node_maker(nodes, p)
         padded = n("Pad", [x, ints(0, 0, 1, 1, 0, 0, 1, 1)], "direct_padded")
         shifted = []
         for dy in range(3):
@@ -389,16 +389,6 @@ def _tiles_to_nchw(n, blocks: str, output: str) -> str:
     # Row a*4+b of a tile's outputs is the block offset (a, b) of DepthToSpace's DCR order; it
     # ran 4.6x faster than the same Reshape + 6-D Transpose (0.25 s of a 512 px UNet step).
     return n("DepthToSpace", [blocks], output, blocksize=TILE, mode="DCR")
-
-
-def _node_maker(nodes: list[onnx.NodeProto], prefix: str):
-    """n(op, inputs, output, **attrs): appends a node named and outputting `prefix + output`."""
-
-    def n(op: str, inputs: list[str], output: str, **attrs) -> str:
-        nodes.append(helper.make_node(op, inputs, [prefix + output], name=prefix + output, **attrs))
-        return prefix + output
-
-    return n
 
 
 def _branch(name: str, nodes: list[onnx.NodeProto], output: str) -> onnx.GraphProto:
