@@ -85,7 +85,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _needs_export_extra()  # onnx and onnxruntime's quantizer
     from sdport.export.quantize import quantize_model
 
-    quantize_model(args.model, args.out, force=args.force, winograd=not args.no_winograd, report=_say(args))
+    quantize_model(args.model, args.out, force=args.force, report=_say(args))
     return 0
 
 
@@ -163,9 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
     quantize = command("quantize", "copy a model folder with an int8 UNet (CPU: faster, smaller; images change slightly)")
     quantize.add_argument("model", help="exported model folder (fp32 UNet)")
     quantize.add_argument("out", help="model folder to create")
-    quantize.add_argument("--no-winograd", action="store_true",
-                          help="quantize the Winograd convolutions too: less memory, slower "
-                               "(default: they stay Winograd, in fp32)")
     quantize.add_argument("--force", action="store_true", help="replace OUT if it exists")
     quantize.set_defaults(run=cmd_quantize)
 

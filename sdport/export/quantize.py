@@ -1,11 +1,11 @@
 """`quantize_model`: a copy of an exported folder whose UNet has int8 weights (CPU, opt-in).
 
-onnxruntime's dynamic quantization: MatMul weights to int8, Conv weights to uint8 (the Winograd
-convs of the export stay fp32 unless asked), activations quantized per run. Measured on an SD
-1.5-sized UNet at 512 px, 2 AVX2 cores (benchmarks/RESULTS.md): a step in 0.56x the time of
-fp32 PyTorch's, text-to-image at 0.36x its peak memory. It changes the images: the error against
-the fp32 folder is measured here (UNet output) and by benchmarks/bench_sd.py (whole images), and
-printed.
+int8 weights, activations quantized per run: onnxruntime's dynamic quantization for the MatMuls,
+and every conv (the Winograd ones of the export undone) as an int8 matrix product
+(export/int8_convs.py). Measured on an SD 1.5-sized UNet at 512 px, 2 cores (benchmarks/RESULTS.md):
+a step in well under half the time of fp32 PyTorch's, text-to-image at under 0.4x its peak
+memory. It changes the images: the error against the fp32 folder is measured here (UNet output)
+and by benchmarks/bench_sd.py (whole images), and printed.
 Only the UNet is quantized: it holds 86% of the weights and nearly all of the time.
 """
 
@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from sdport.errors import SdportError
-from sdport.export.onnx_files import resave
+from sdport.export.onnx_files import save_model
 from sdport.export.staging import remove_stale_siblings, replace_folder, temporary_sibling
 from sdport.models.manifest import read_manifest, write_manifest
 from sdport.runtime.checksums import file_sha256
@@ -35,21 +35,23 @@ def _print_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def quantize_unet(src: Path, dst: Path, winograd: bool = True) -> None:
-    """Two dynamic-quantization passes over the graph at `src`, written to `dst` (+ its data file).
+def quantize_unet(src: Path, dst: Path) -> None:
+    """The graph at `src` with int8 MatMuls and convs, written to `dst` (+ its data file).
 
-    With `winograd`, Winograd convs (export/winograd.py) stay Winograd with their fp32 weights:
-    SD 1.5's 512 px step takes 6.3 s instead of 7.5 s with them as uint8 ConvInteger, for 2.0 GB
-    peak instead of 1.2 GB (2 AVX2 cores). The other convs (1x1, and the 3x3 ones too small for
-    Winograd, which hold most of the conv weights) get uint8 weights either way."""
+    Its Winograd convs (export/winograd.py) become int8 products too: on a 2-core Zen 4
+    (2026-11-28) SD 1.5's 512 px int8 step took 3.5-4.0 s instead of 4.4-5.2 s with them kept
+    fp32 Winograd and the others as onnxruntime's ConvInteger, a 10-step image 52.8 s instead of
+    62.8, at 44.6 dB PSNR against the fp32 image instead of 45.4. (Winograd's own products in
+    int8 are no option: F(4x4, 3x3)'s transforms took a conv's error from 1% to 14%.)"""
     import logging
 
+    import onnx
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from sdport.export.ff_chunks import rewrite_named as rewrite_chunks
     from sdport.export.guided_prefix import share_guided_prefix
-    from sdport.export.winograd import rewrite_named
+    from sdport.export.int8_convs import rewrite_convs as rewrite_int8_convs
 
     # Shape inference can't type the outputs of contrib ops (MultiHeadAttention); all are fp32.
     FLOAT = TensorProto.FLOAT
@@ -58,32 +60,24 @@ def quantize_unet(src: Path, dst: Path, winograd: bool = True) -> None:
     work = dst.parent / ".matmul"
     work.mkdir(parents=True, exist_ok=True)
     try:
-        source, winograd_convs, guided_shared, chunked = _quantizer_input(src, work / "source")
-        winograd_convs = winograd_convs if winograd else {}
+        source, guided_shared, chunked = _quantizer_input(src, work / "source")
         # int8 MatMul weights; only weights (MatMulConstBOnly): attention inputs stay fp32.
         quantize_dynamic(source, work / "model.onnx", op_types_to_quantize=["MatMul"],
                          weight_type=QuantType.QInt8, use_external_data_format=True,
                          extra_options={"MatMulConstBOnly": True, "DefaultTensorType": FLOAT})
-        # uint8, not int8, Conv weights: signed ConvInteger ran 3x slower on x86 CPUs (FIELD_NOTES).
-        quantize_dynamic(work / "model.onnx", dst, op_types_to_quantize=["Conv"],
-                         nodes_to_exclude=list(winograd_convs), weight_type=QuantType.QUInt8,
-                         use_external_data_format=True, extra_options={"DefaultTensorType": FLOAT})
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    # Our layout (one file, or one model.onnx_data when over 2 GB), with the Winograd convs, the
-    # guided prefix and the feed-forward chunks back.
-    def restore(model) -> None:
-        rewrite_named(model, winograd_convs)
-        if guided_shared:
+        model = onnx.load_model(str(work / "model.onnx"))
+        rewrite_int8_convs(model)
+        if guided_shared:  # back, as the chunks, after the quantizer
             share_guided_prefix(model, guided_shared)
         rewrite_chunks(model, chunked)
+        save_model(model, dst)  # our layout: one file, or one model.onnx_data when over 2 GB
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
-    resave(dst, edit=restore)
 
-
-def _quantizer_input(src: Path, work: Path) -> tuple[Path, dict[str, dict], list[str], dict[str, dict]]:
-    """A copy of `src` that the quantizer can read, its Winograd convs' records by name, the
-    inputs its guided prefix shares ([] without one), and its feed-forward chunks' records.
+def _quantizer_input(src: Path, work: Path) -> tuple[Path, list[str], dict[str, dict]]:
+    """A copy of `src` that the quantizer can read, the inputs its guided prefix shares ([]
+    without one), and its feed-forward chunks' records.
 
     The copy imports the com.microsoft domain, which the quantizer's shape inference needs for
     the fused attention nodes (onnxruntime itself loads the graph without it), and has its
@@ -95,7 +89,7 @@ def _quantizer_input(src: Path, work: Path) -> tuple[Path, dict[str, dict], list
     from sdport.export.ff_chunks import restore_chunks
     from sdport.export.guided_prefix import restore_prefix
     from sdport.export.onnx_files import save_model
-    from sdport.export.winograd import restore_convs, winograd_records
+    from sdport.export.winograd import has_winograd, restore_convs
     from sdport.runtime.sessions import external_data_locations
 
     work.mkdir(parents=True, exist_ok=True)
@@ -106,17 +100,16 @@ def _quantizer_input(src: Path, work: Path) -> tuple[Path, dict[str, dict], list
     unpack_self_attention(model)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    winograd_convs = winograd_records(model)
-    if winograd_convs:
+    if has_winograd(model):
         # restore_convs needs the weights in memory: it rebuilds each conv's weight from its taps.
         onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
         restore_convs(model)
         save_model(model, work / src.name)
-        return work / src.name, winograd_convs, guided_shared, chunked
+        return work / src.name, guided_shared, chunked
     for location in external_data_locations(src):  # copied: onnx refuses hard-linked data files
         shutil.copyfile(src.parent / location, work / location)
     onnx.save_model(model, str(work / src.name))
-    return work / src.name, {}, guided_shared, chunked
+    return work / src.name, guided_shared, chunked
 
 
 def unet_feeds(manifest, latent: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -171,16 +164,13 @@ def quantize_model(
     out: str | os.PathLike,
     *,
     force: bool = False,
-    winograd: bool = True,
     report: Reporter | None = _print_stderr,
 ) -> Path:
-    """Writes `out`: the model folder `folder` with an int8 UNet (MatMul int8, Conv uint8 weights).
+    """Writes `out`: the model folder `folder` with an int8 UNet (MatMul and conv weights int8).
 
     Args:
         folder: an sdport model folder with an fp32 UNet (the default export).
         out: the folder to create; refused if it exists unless `force`.
-        winograd: keep the Winograd convs of the export in fp32 (faster); False quantizes them
-            too (less memory).
         report: receives one line per stage; None for quiet.
     Returns:
         The path of the finished folder. Its manifest records precision "int8" for the UNet and,
@@ -206,10 +196,9 @@ def quantize_model(
             relative = path.relative_to(folder).as_posix()
             if path.is_file() and relative not in unet_files and relative != "sdport.json":
                 _link_or_copy(path, tmp / relative)
-        kept = ", Winograd convs fp32" if winograd else ""
-        report(f"quantizing {QUANTIZED} (MatMul int8, Conv uint8 weights{kept})")
+        report(f"quantizing {QUANTIZED} (MatMul and conv weights int8)")
         final = tmp / spec.file
-        quantize_unet(folder / spec.file, final, winograd)
+        quantize_unet(folder / spec.file, final)
         files = {f"{QUANTIZED}/{p.name}": file_sha256(p) for p in sorted(final.parent.iterdir())
                  if p.is_file() and p.name.startswith("model.onnx")}
         external = [f for f in files if not f.endswith(".onnx")]
