@@ -26,14 +26,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from sdport.export.subgraphs import graph_reads, node_maker
+from sdport.export.subgraphs import attributes, graph_reads, node_maker
 
 MS_DOMAIN = "com.microsoft"
 _LAST = np.iinfo(np.int64).max  # a Slice end past any size
-
-
-def _attributes(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _weights(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -49,7 +45,7 @@ def eligible(node: onnx.NodeProto, weights: dict[str, onnx.TensorProto]) -> bool
         return False
     if len(node.input) > 2 and node.input[2] and node.input[2] not in weights:
         return False
-    a = _attributes(node)
+    a = attributes(node)
     return (
         a.get("group", 1) == 1
         and list(a.get("dilations", [1, 1])) == [1, 1]
@@ -76,7 +72,7 @@ class _Builder:
         return name
 
     def conv(self, node: onnx.NodeProto, weight: np.ndarray, bias: str) -> list[onnx.NodeProto]:
-        a = _attributes(node)
+        a = attributes(node)
         _, _, kh, kw = weight.shape
         sy, sx = list(a.get("strides", [1, 1]))
         top, left, bottom, right = list(a.get("pads", [0, 0, 0, 0]))
@@ -95,8 +91,9 @@ class _Builder:
             taps = []
             for ky in range(kh):
                 for kx in range(kw):
-                    # Tap (ky, kx) of output (i, j) reads padded (i * sy + ky, j * sx + kx): rows
-                    # from ky up to the last kh - 1 - ky, whatever the size.
+                    # Tap (ky, kx) of output (i, j) reads padded (i * sy + ky, j * sx + kx): from
+                    # row ky to kh - 1 - ky rows before the end, a negative end that holds for
+                    # every size (where that is 0, the end is the last row).
                     starts = self.const(f"{prefix}starts{ky}{kx}", np.array([ky, kx], np.int64))
                     ends = self.const(f"{prefix}ends{ky}{kx}", np.array(
                         [ky - (kh - 1) or _LAST, kx - (kw - 1) or _LAST], np.int64))
@@ -113,15 +110,15 @@ class _Builder:
         return nodes
 
 
-def rewrite_convs(model: onnx.ModelProto, skip: frozenset[str] = frozenset()) -> list[str]:
-    """Replaces every eligible Conv of the main graph (weights loaded) but those named in `skip`,
-    in place; returns their names. Weights no other node reads are dropped."""
+def rewrite_convs(model: onnx.ModelProto) -> list[str]:
+    """Replaces every eligible Conv of the main graph (weights loaded), in place; returns their
+    names. Their fp32 weights go, unless another node reads them too."""
     weights = _weights(model)
     builder = _Builder()
     nodes, rewritten, replaced = [], [], set()
     for node in model.graph.node:
         name = node.name or node.output[0]
-        if name in skip or not eligible(node, weights):
+        if not eligible(node, weights):
             nodes.append(node)
             continue
         bias = node.input[2] if len(node.input) > 2 else ""

@@ -39,10 +39,11 @@ def quantize_unet(src: Path, dst: Path) -> None:
     """The graph at `src` with int8 MatMuls and convs, written to `dst` (+ its data file).
 
     Its Winograd convs (export/winograd.py) become int8 products too: on a 2-core Zen 4
-    (2026-11-28) SD 1.5's 512 px int8 step took 3.5-4.0 s instead of 4.4-5.2 s with them kept
-    fp32 Winograd and the others as onnxruntime's ConvInteger, a 10-step image 52.8 s instead of
-    62.8, at 44.6 dB PSNR against the fp32 image instead of 45.4. (Winograd's own products in
-    int8 are no option: F(4x4, 3x3)'s transforms took a conv's error from 1% to 14%.)"""
+    (2026-11-28, benchmarks/RESULTS.md) SD 1.5's 512 px int8 step took 3.99 s instead of 4.39 s
+    with them kept fp32 Winograd and the others as onnxruntime's ConvInteger, a cold 10-step
+    image 49.4 s instead of 68.1 at 1.47 GB peak instead of 2.09, 44.6 dB PSNR against the fp32
+    image instead of 45.7. (Winograd's own products in int8 are no option: F(4x4, 3x3)'s
+    transforms took a conv's error from 1% to 14%.)"""
     import logging
 
     import onnx

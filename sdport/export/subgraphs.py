@@ -16,6 +16,11 @@ def attribute_graphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     return graphs
 
 
+def attributes(node: onnx.NodeProto) -> dict:
+    """A node's attributes by name, as Python values."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
 def node_maker(nodes: list[onnx.NodeProto], prefix: str):
     """n(op, inputs, output, **attrs): appends a node named and outputting `prefix + output`, and
     returns that name."""

@@ -40,7 +40,7 @@ from onnx import helper, numpy_helper
 
 from sdport.export.onnx_files import json_metadata, set_json_metadata
 from sdport.export.shapes import tensor_shapes
-from sdport.export.subgraphs import graph_reads, node_maker, outer_references
+from sdport.export.subgraphs import attributes, graph_reads, node_maker, outer_references
 
 WINOGRAD_KEY = "sdport.winograd"
 TILE = 4  # output tile side; input tiles are TILE + 2 = 6
@@ -109,13 +109,9 @@ class _Conv:
     strips: int = 1  # horizontal strips of tiles transformed one after the other
 
 
-def _attributes(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def _plain_3x3(node: onnx.NodeProto) -> bool:
     """Stride 1, dilation 1, one group, padding 1 on every side: what the rewrite computes."""
-    a = _attributes(node)
+    a = attributes(node)
     auto_pad = a.get("auto_pad", b"NOTSET")
     return (
         list(a.get("kernel_shape", [3, 3])) == [3, 3]
