@@ -1,7 +1,7 @@
 """Convolutions as int8 matrix products, for int8 UNets (sdport.export.quantize).
 
 onnxruntime's dynamic quantizer turns a Conv into ConvInteger, whose CPU kernel multiplies uint8
-inputs by uint8 weights (int8 weights ran 3x slower still): on a 2-core Zen 4 (2026-11-28) it ran
+inputs by uint8 weights (with int8 weights it ran 3x slower still): on a 2-core Zen 4 (2026-11-28) it ran
 SD 1.5's convs only 1.1-1.6x faster than fp32 Conv, at a third of the int8 rate that the same
 CPU's matrix products reach. Here a conv is instead the product those reach that rate with,
 uint8 activations by int8 weights (onnxruntime's MatMulIntegerToFloat):

@@ -455,13 +455,6 @@ def rewrite_chosen(model: onnx.ModelProto, strips: dict[str, int]) -> list[str]:
     return rewrite_convs(model, convs)
 
 
-def rewrite_named(model: onnx.ModelProto, records: dict[str, dict]) -> list[str]:
-    """Rewrites the convs that `records` (winograd_records of an earlier form of `model`) name, as
-    they were: quantization restores the Winograd convs, quantizes the other nodes, and then
-    rewrites these again."""
-    return rewrite_chosen(model, {name: record.get("strips", 1) for name, record in records.items()})
-
-
 def restore_convs(model: onnx.ModelProto) -> int:
     """Turns rewritten convs back into Conv nodes with their original weights; returns how many."""
     records = winograd_records(model)
