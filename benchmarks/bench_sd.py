@@ -440,12 +440,11 @@ def _cpu_name() -> str:
     """The CPU's model name, with its family/model numbers and widest vector extension where
     /proc/cpuinfo gives them: ratios to PyTorch move with the CPU generation, and a name like
     "AMD EPYC" covers 2-core machines whose fp32 products ran at 196 and at 436 GFLOP/s."""
-    try:
-        fields = dict(l.split(":", 1) for l in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
-                      if ":" in l)
-    except OSError:
+    from sdport.runtime.sessions import cpu_info
+
+    fields = cpu_info()
+    if fields is None:
         return platform.processor()
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
     flags = set(fields.get("flags", "").split())
     isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if flag in flags), None)
     details = [f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else None, isa]

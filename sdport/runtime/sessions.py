@@ -530,17 +530,29 @@ def ort_cache_dir() -> Path | None:
     return cache_root() / "ort"
 
 
-def _cpu_identity() -> str:
-    """CPU model and vector-extension flags: what a saved NCHWc graph depends on."""
+def cpu_info() -> dict[str, str] | None:
+    """/proc/cpuinfo's fields ("model name", "flags", "cpu family", ...) as the first entry that
+    has each gives them; None where there is no such file."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
+        return None
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if ":" in line:
+            key, value = line.split(":", 1)
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def _cpu_identity() -> str:
+    """CPU model and vector-extension flags: what a saved NCHWc graph depends on."""
+    fields = cpu_info()
+    if fields is None:
         import platform
 
         return f"{platform.machine()} {platform.processor()}"
-    model = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), "")
-    flags = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("flags")), "")
-    return f"{model}|{flags}"
+    return f"{fields.get('model name', '')}|{fields.get('flags', '')}"
 
 
 def _file_identity(path: Path) -> str:
