@@ -289,10 +289,6 @@ def _matmul_model(folder: Path, n: int) -> tuple[Path, np.ndarray]:
     return path, np.random.default_rng(1).standard_normal((1, n)).astype(np.float32)
 
 
-def _anonymous_mb() -> float:
-    return _status_mb("RssAnon")
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux's /proc")
 def test_cache_entries_hold_the_packed_weights(tmp_path, monkeypatch):
     """The MatMul kernel packs its constant weight. From the pre-optimized cache the packed copy is
@@ -307,9 +303,9 @@ def test_cache_entries_hold_the_packed_weights(tmp_path, monkeypatch):
     assert entry_data.stat().st_size > path.with_name("model.onnx_data").stat().st_size  # + the packed copy
 
     def opened_and_run() -> tuple[float, np.ndarray]:
-        before = _anonymous_mb()
+        before = _status_mb("RssAnon")
         g = Graph("unet", path, "cpu", fused=False)
-        grown = _anonymous_mb() - before
+        grown = _status_mb("RssAnon") - before
         return grown, g.run({"x": x})["y"]
 
     cached_growth, cached = opened_and_run()
