@@ -702,16 +702,18 @@ def table(r: dict) -> str:
         lines.append(f"| {label} | {cell(ref, fmt)} | {cell(fp32, fmt)} | {ratio(fp32)} | {cell(int8, fmt)} | "
                      f"{ratio(int8)} | {target} |")
 
+    def spread(measured: dict, name: str, key: str) -> str:
+        """The range of the per-round ratios measured[name][key], or "-" for a side not measured."""
+        return f"{min(measured[name][key]):.2f}x-{max(measured[name][key]):.2f}x" if name in measured else "-"
+
     get = lambda d, *keys: (d.get(keys[0]) if len(keys) == 1 else get(d.get(keys[0], {}), *keys[1:])) if d else None  # noqa: E731
     for size, u in r["unet"].items():
         rounds = len(u["torch"].get("round_medians_s", [None]))  # JSON of earlier runs has one, unlisted
         row(f"UNet step, batch 2, {size}px (s)" + (f", median of {rounds} processes' runs" if rounds > 1 else ""),
             u["torch"]["median_s"], u["fp32"]["median_s"], get(u, "int8", "median_s"), "{:.3f}", "<= 0.67x")
         if rounds > 1:
-            each = lambda name: (f"{min(u[name]['round_ratios']):.2f}x-{max(u[name]['round_ratios']):.2f}x"  # noqa: E731
-                                 if name in u else "-")
-            lines.append(f"|   ratio in each round (PyTorch, then sdport, {rounds} rounds) | | | {each('fp32')} | | "
-                         f"{each('int8')} | |")
+            lines.append(f"|   ratio in each round (PyTorch, then sdport, {rounds} rounds) | | | "
+                         f"{spread(u, 'fp32', 'round_ratios')} | | {spread(u, 'int8', 'round_ratios')} | |")
         row(f"UNet peak RSS, {size}px (MB)", u["torch"]["peak_rss_mb"], u["fp32"]["peak_rss_mb"],
             get(u, "int8", "peak_rss_mb"), "{:.0f}", "")
     t = r["t2i"]
@@ -727,18 +729,15 @@ def table(r: dict) -> str:
     row("text-to-image cold, process start to PNG (s)" + (f", median of {cold_runs}" if cold_runs > 1 else ""),
         t["diffusers"]["cold_s"], t["fp32"]["cold_s"], get(t, "int8", "cold_s"), "{:.1f}", "<= 0.5x")
 
-    def spread(name: str, key: str) -> str:
-        return f"{min(t[name][key]):.2f}x-{max(t[name][key]):.2f}x" if name in t else "-"
-
     if cold_runs > 1:
         lines.append(f"|   ratio in each round (diffusers, then sdport, {cold_runs} rounds) | | | "
-                     f"{spread('fp32', 'cold_ratios')} | | {spread('int8', 'cold_ratios')} | |")
+                     f"{spread(t, 'fp32', 'cold_ratios')} | | {spread(t, 'int8', 'cold_ratios')} | |")
     if "uncached_s" in t["fp32"]:
         uncached_runs = len(t["fp32"]["uncached_runs_s"])
         row(f"  same, weights read from disk (page cache dropped first) (s), median of {uncached_runs}",
             t["diffusers"]["uncached_s"], t["fp32"]["uncached_s"], get(t, "int8", "uncached_s"), "{:.1f}", "<= 0.5x")
-        lines.append(f"|   ratio in each round | | | {spread('fp32', 'uncached_ratios')} | | "
-                     f"{spread('int8', 'uncached_ratios')} | |")
+        lines.append(f"|   ratio in each round | | | {spread(t, 'fp32', 'uncached_ratios')} | | "
+                     f"{spread(t, 'int8', 'uncached_ratios')} | |")
     row("  same, session cache off (s)", t["diffusers"]["cold_s"], t["fp32_no_cache"]["cold_s"], None, "{:.1f}", "")
     def startup(name: str) -> float | None:  # both from the first round's process, which made the warm images
         return t[name].get("cold_runs_s", [t[name]["cold_s"]])[0] - t[name]["warm_s"] if name in t else None
