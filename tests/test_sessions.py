@@ -323,6 +323,47 @@ def test_cache_entries_hold_the_packed_weights(tmp_path, monkeypatch):
     assert np.array_equal(cached, packed)
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux's /proc")
+def test_a_graph_opened_without_prepacking_packs_nothing(tmp_path, monkeypatch):
+    """Opened without `prepack`, the products pack their weights at each run: the cache entry holds
+    no packed copy (an entry of its own, beside the packed one), opening adds no private memory
+    even with the cache off, and the outputs match the packed graph's."""
+    from sdport.runtime.sessions import Graph, graph_cache_key
+
+    path, x = _matmul_model(tmp_path / "model", 4096)  # a 64 MB weight
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SDPORT_ORT_CACHE", str(cache))
+    assert graph_cache_key(path, False, "cpu", prepack=False) != graph_cache_key(path, False, "cpu")
+    packed = Graph("unet", path, "cpu", fused=False).run({"x": x})["y"]
+    unpacked_graph = Graph("unet", path, "cpu", fused=False, prepack=False)
+    entry_data = cache / graph_cache_key(path, False, "cpu", prepack=False) / "model.onnx_data"
+    assert set(unpacked_graph.weight_files) == {str(entry_data.resolve())}
+    assert entry_data.stat().st_size == path.with_name("model.onnx_data").stat().st_size
+    np.testing.assert_allclose(unpacked_graph.run({"x": x})["y"], packed, rtol=1e-5, atol=1e-5)
+
+    monkeypatch.setenv("SDPORT_ORT_CACHE", "0")
+    before = _status_mb("RssAnon")
+    uncached = Graph("unet", path, "cpu", fused=False, prepack=False)
+    assert _status_mb("RssAnon") - before < 16  # packed at creation, this would be 64 MB more
+    np.testing.assert_allclose(uncached.run({"x": x})["y"], packed, rtol=1e-5, atol=1e-5)
+
+
+def test_pipeline_opens_only_the_text_encoder_without_prepacking(tiny_onnx_dir, tmp_path, monkeypatch):
+    """The text encoder runs once per call: its products' weights are not packed at creation (see
+    Pipeline.UNPACKED); the UNet's and VAE's are."""
+    def prepacking_off(graph) -> bool:
+        try:
+            return graph.session.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
+        except RuntimeError:  # onnxruntime's answer for an entry never set
+            return False
+
+    monkeypatch.setenv("SDPORT_ORT_CACHE", str(tmp_path / "cache"))
+    pipe = Pipeline.load(tiny_onnx_dir, provider="cpu")
+    unpacked = {name for name, graph in pipe._graphs.items() if prepacking_off(graph)}
+    assert set(pipe._graphs) >= {"text_encoder", "unet", "vae_decoder"}
+    assert unpacked == {"text_encoder"}
+
+
 # Run in a fresh process by test_opening_a_cache_entry_keeps_no_freed_heap: "write" makes the cache
 # entry of the graph at argv[1]; "open" opens it and prints the private memory that added (MB).
 OPEN_AND_MEASURE = """

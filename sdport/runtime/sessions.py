@@ -199,8 +199,9 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def session_options(provider: str, fused: bool) -> ort.SessionOptions:
-    """Options for one graph; `fused` says whether attention was fused at export ("ort" level)."""
+def session_options(provider: str, fused: bool, prepack: bool = True) -> ort.SessionOptions:
+    """Options for one graph; `fused` says whether attention was fused at export ("ort" level);
+    without `prepack` the CPU's matrix products pack their weights at each run, not at creation."""
     options = ort.SessionOptions()
     # One thread per physical core: a second hyper-thread per core adds contention, not FLOPs,
     # and onnxruntime's own default ignores the CPU affinity a container gives us.
@@ -226,6 +227,8 @@ def session_options(provider: str, fused: bool) -> ort.SessionOptions:
     # DirectML requires them off (and sequential execution).
     options.enable_mem_pattern = provider != "dml" and not (provider == "cpu" and fused)
     options.log_severity_level = 3  # errors only: ORT's warnings are about its own fallbacks
+    if provider == "cpu" and not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return options
 
 
@@ -397,10 +400,13 @@ class Graph:
     copied into them in place, and inputs that stay fixed for many runs (the text embeddings, put
     there with `keep_on_device`) only when they change. (The schedulers are NumPy, so the latents
     cross to the host each step.) With `cuda_graph` the runs are captured as CUDA graphs; a graph
-    that can't be captured opens without them, with a note on stderr.
+    that can't be captured opens without them, with a note on stderr. Without `prepack` the CPU's
+    matrix products pack their weights at each run, not at session creation (session_options).
     """
 
-    def __init__(self, name: str, path: Path, provider: str, fused: bool, cuda_graph: bool = False) -> None:
+    def __init__(
+        self, name: str, path: Path, provider: str, fused: bool, cuda_graph: bool = False, prepack: bool = True,
+    ) -> None:
         self.name = name
         self.path = path
         self.provider = provider
@@ -414,7 +420,7 @@ class Graph:
                       file=sys.stderr)
         if self._device_runs is None:
             try:
-                session, loaded = self._new_session(path, provider, fused)
+                session, loaded = self._new_session(path, provider, fused, prepack=prepack)
             except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
                 raise SdportError(
                     f"{name}: onnxruntime could not load {path} ({first_line(exc)}); if it uses operators "
@@ -449,7 +455,7 @@ class Graph:
 
     @staticmethod
     def _new_session(
-        path: Path, provider: str, fused: bool, extra: dict[str, str] | None = None,
+        path: Path, provider: str, fused: bool, extra: dict[str, str] | None = None, prepack: bool = True,
     ) -> tuple[ort.InferenceSession, Path]:
         """open_session with sdport's provider list; `extra`: more CUDA provider options."""
         chosen = PROVIDERS[provider]
@@ -458,7 +464,7 @@ class Graph:
         providers = [chosen] + (["CPUExecutionProvider"] if provider != "cpu" else [])
         printed = io.StringIO()  # onnxruntime print()s its provider fallbacks to stdout
         with contextlib.redirect_stdout(printed):
-            opened = open_session(path, provider, fused, providers)
+            opened = open_session(path, provider, fused, providers, prepack=prepack)
         if printed.getvalue().strip():  # a fallback that worked: worth knowing, but not on stdout
             print(" ".join(printed.getvalue().replace("*", "").split()), file=sys.stderr)
         return opened
@@ -582,9 +588,9 @@ def _gpu_identity() -> str:
 CACHED_PROVIDERS = ("cpu", "cuda")  # DirectML's sessions are left as they are
 
 
-def graph_cache_key(path: Path, fused: bool, provider: str = "cpu") -> str:
+def graph_cache_key(path: Path, fused: bool, provider: str = "cpu", prepack: bool = True) -> str:
     """sha256 over the graph file's and its data files' identities, onnxruntime, the provider and
-    its hardware (the CPU, or the GPU for CUDA)."""
+    its hardware (the CPU, or the GPU for CUDA), and on CPU whether the entry holds packed weights."""
     import hashlib
 
     digest = hashlib.sha256(_file_identity(Path(path)).encode())
@@ -592,8 +598,9 @@ def graph_cache_key(path: Path, fused: bool, provider: str = "cpu") -> str:
         digest.update(f"{location}|{_file_identity(Path(path).parent / location)}".encode())
     level = session_options(provider, fused).graph_optimization_level
     hardware = _cpu_identity() if provider == "cpu" else f"{provider}|{_gpu_identity()}"
-    # v4: CPU entries hold the packed weights (preoptimized_options)
-    digest.update(f"{ort.__version__}|{hardware}|fused={fused}|level={level}|v4".encode())
+    # v4: CPU entries hold the packed weights (preoptimized_options), unless made without them
+    unpacked = "|unpacked" if provider == "cpu" and not prepack else ""
+    digest.update(f"{ort.__version__}|{hardware}|fused={fused}|level={level}|v4{unpacked}".encode())
     return digest.hexdigest()[:32]
 
 
@@ -613,8 +620,11 @@ def _trim_heap() -> None:
         pass
 
 
-def _preoptimize(path: Path, entry: Path, provider: str, fused: bool, providers: list) -> None:
-    """Writes the optimized graph of `path` for `provider` to `entry`/model.onnx, atomically (temp + rename)."""
+def _preoptimize(
+    path: Path, entry: Path, provider: str, fused: bool, providers: list, prepack: bool = True,
+) -> None:
+    """Writes the optimized graph of `path` for `provider` to `entry`/model.onnx, atomically (temp
+    + rename); on CPU with the packed weights unless not `prepack`."""
     import json
     import shutil
 
@@ -623,12 +633,12 @@ def _preoptimize(path: Path, entry: Path, provider: str, fused: bool, providers:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        options = session_options(provider, fused)  # its optimization level is what gets saved
+        options = session_options(provider, fused, prepack)  # its optimization level is what gets saved
         options.optimized_model_filepath = str(tmp / "model.onnx")
         # Weights go to one data file beside it (an SD 1.5 UNet is over protobuf's 2 GB limit).
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx_data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        if provider == "cpu":  # the CPU kernels' packed weights too (preoptimized_options)
+        if provider == "cpu" and prepack:  # the CPU kernels' packed weights too (preoptimized_options)
             options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         del session
@@ -666,10 +676,11 @@ def cache_entry_source(entry: Path) -> dict[str, str] | None:
     return made_from if isinstance(made_from.get("source"), str) else None
 
 
-def preoptimized_options(fused: bool, provider: str = "cpu") -> ort.SessionOptions:
+def preoptimized_options(fused: bool, provider: str = "cpu", prepack: bool = True) -> ort.SessionOptions:
     """Options for loading a cached pre-optimized graph: nothing left to optimize; on CPU the
-    weights packed for the matrix-product kernels are mapped from the entry as saved."""
-    options = session_options(provider, fused)
+    weights packed for the matrix-product kernels are mapped from the entry as saved (with
+    `prepack`; without it the products pack them at each run)."""
+    options = session_options(provider, fused, prepack)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     # Packed at session creation, the weights would be private copies (3 s and ~+1 GB for an SD
     # 1.5 UNet); unpacked, each product packs its weights at every run: SD 1.5's 512 px step took
@@ -684,13 +695,14 @@ def preoptimized_options(fused: bool, provider: str = "cpu") -> ort.SessionOptio
 
 def open_session(
     path: Path, provider: str, fused: bool, providers: list[str],
-    profile_prefix: str | None = None,
+    profile_prefix: str | None = None, prepack: bool = True,
 ) -> tuple[ort.InferenceSession, Path]:
     """An onnxruntime session for `path`, and the graph file it loaded: on CPU and CUDA the
     pre-optimized cache's copy when possible, else `path`.
 
     Any failure of the cache (not writable, disk full, an onnxruntime that can't save) falls back
-    to optimizing at session creation, as without the cache. `profile_prefix` turns on
+    to optimizing at session creation, as without the cache. `prepack`: see session_options.
+    `profile_prefix` turns on
     onnxruntime's profiler (benchmarks/profile_unet.py), its JSON written at `end_profiling()`.
     """
 
@@ -703,17 +715,17 @@ def open_session(
     cache = ort_cache_dir() if provider in CACHED_PROVIDERS else None
     if cache is not None:
         try:
-            entry = cache / graph_cache_key(path, fused, provider)
+            entry = cache / graph_cache_key(path, fused, provider, prepack)
             if not (entry / "model.onnx").is_file():
-                _preoptimize(path, entry, provider, fused, providers)
+                _preoptimize(path, entry, provider, fused, providers, prepack)
             session = ort.InferenceSession(
-                str(entry / "model.onnx"), sess_options=profiled(preoptimized_options(fused, provider)),
+                str(entry / "model.onnx"), sess_options=profiled(preoptimized_options(fused, provider, prepack)),
                 providers=providers,
             )
             return session, entry / "model.onnx"
         except Exception:  # noqa: BLE001 - the cache is an optimization; the plain path reports errors
             pass
     session = ort.InferenceSession(
-        str(path), sess_options=profiled(session_options(provider, fused)), providers=providers
+        str(path), sess_options=profiled(session_options(provider, fused, prepack)), providers=providers
     )
     return session, Path(path)
