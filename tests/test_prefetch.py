@@ -57,3 +57,21 @@ def test_loading_asks_for_each_graphs_weights_in_the_order_a_call_runs_them(tiny
     order = ("text_encoder", "unet", "vae_decoder")
     assert asked == [sorted(pipe._graphs[name].weight_files) for name in order]
     assert all(asked)  # each is the external data the CPU session maps
+
+
+def test_each_graphs_weights_are_asked_for_just_before_its_session_opens(tiny_onnx_dir, tmp_path, monkeypatch):
+    # Opening reads the weights too (onnxruntime packs the products' weights again from them).
+    monkeypatch.setenv("SDPORT_ORT_CACHE", str(tmp_path / "cache"))
+    Pipeline.load(tiny_onnx_dir, provider="cpu")  # writes the cache entries, which open sessions too
+    events = []
+    real_session = sessions.ort.InferenceSession
+
+    def session(path, *args, **kwargs):
+        events.append(("open", sorted(sessions.weight_files(path))))
+        return real_session(path, *args, **kwargs)
+
+    monkeypatch.setattr(sessions, "prefetch", lambda files: events.append(("asked", list(files))))
+    monkeypatch.setattr(sessions.ort, "InferenceSession", session)
+    Pipeline.load(tiny_onnx_dir, provider="cpu")
+    assert [kind for kind, _ in events] == ["asked", "open"] * 3
+    assert all(events[i][1] == events[i + 1][1] and events[i][1] for i in range(0, 6, 2))

@@ -1,15 +1,23 @@
-"""Weight files read into the kernel's page cache ahead of a graph's first run.
+"""Weight files read into the kernel's page cache as their session opens.
 
 On CPU onnxruntime maps a graph's external weights and reads them in place (packed ones too, as
 saved in the pre-optimized cache: sessions.preoptimized_options). When the files are not in the
-page cache (after a reboot, or once the kernel has dropped them) the first run reads them from
-disk by page faults, a readahead window at a time, and waits for each. Asked for in the background
-as each session opens, they are read ahead of the run instead. SD 1.5-sized fp32 at 512 px on 2
-cores, one-step text-to-image from process start with the weight files out of the page cache:
-9.7-10.0 s against 10.7-11.1 s, the UNet's first run 4.0-4.5 s against 5.2-5.7 s. With the files
-cached it changes nothing measurable (8.4-8.8 s against 8.5-8.8 s). The price: pages read this way
-stay cached as 4 KB pages, so a later process's first run of the graph maps them 4 KB at a fault
-instead of up to 2 MB; its next start was 0.0-0.9 s slower, within this machine's spread.
+page cache (after a reboot, or once the kernel has dropped them), opening the session and the
+first run read them from disk by page faults, a readahead window at a time, and wait for each.
+Asked for in the background just before each session opens (sessions.open_session), they are
+read ahead of both instead. SD 1.5-sized fp32 at 512 px on 2 cores, one-step text-to-image from
+process start with the weight files out of the page cache: 12.1-12.9 s against 12.5-13.3 s when
+they were asked for once the session had opened (Pipeline.load 3.0-3.5 s against 3.7-4.9 s; six
+runs each, in turn, 2026-11-29). That first form had brought the same image from 10.7-11.1 s
+with no read-ahead to 9.7-10.0 s on the machine of 2026-11-27. With the files cached neither
+changes anything measurable. The price: pages read this way stay cached as 4 KB pages, so a later process maps
+them 4 KB at a fault instead of up to 2 MB: that UNet's session took 1.03-1.25 s to open instead
+of 0.92-0.98 s, and its first 256 px run 1.04 s instead of 0.83 s.
+
+Read instead by sendfile to /dev/null (the kernel's own readahead, which caches large folios),
+four slices of a file at once reached the disk's 2.8-3.2 GB/s on their own, but alongside the
+UNet's session opening they took 3.1 s instead of 1.5 s and held the opening to 5.4 s (2.4-2.8 s
+with no read-ahead, 2.0-2.2 s with WILLNEED); one slice, 2.6 s (2026-11-29).
 
 One thread reads the files in the order they were asked for: the order the pipeline opens its
 graphs, which is the order a call runs them. Nothing happens where posix_fadvise is missing

@@ -440,7 +440,6 @@ class Graph:
         # weights in place from them; a GPU provider copies them to the device at session
         # creation, where the smaps walk would cost ~20 ms for nothing.
         self.weight_files = weight_files(loaded) if provider == "cpu" else frozenset()
-        prefetch(sorted(self.weight_files))
         small = sum(map(os.path.getsize, self.weight_files)) < RELEASE_MIN_BYTES
         self._released_files = frozenset() if small else self.weight_files
         self._release_options = None
@@ -693,6 +692,13 @@ def preoptimized_options(fused: bool, provider: str = "cpu", prepack: bool = Tru
     return options
 
 
+def _read_ahead_weights(graph_file: Path, provider: str) -> None:
+    """Starts reading the weight files a CPU session of `graph_file` maps into the page cache
+    (prefetch.py), to be read as the session opens; a GPU session copies them to the device."""
+    if provider == "cpu":
+        prefetch(sorted(weight_files(graph_file)))
+
+
 def open_session(
     path: Path, provider: str, fused: bool, providers: list[str],
     profile_prefix: str | None = None, prepack: bool = True,
@@ -718,6 +724,7 @@ def open_session(
             entry = cache / graph_cache_key(path, fused, provider, prepack)
             if not (entry / "model.onnx").is_file():
                 _preoptimize(path, entry, provider, fused, providers, prepack)
+            _read_ahead_weights(entry / "model.onnx", provider)
             session = ort.InferenceSession(
                 str(entry / "model.onnx"), sess_options=profiled(preoptimized_options(fused, provider, prepack)),
                 providers=providers,
@@ -725,6 +732,7 @@ def open_session(
             return session, entry / "model.onnx"
         except Exception:  # noqa: BLE001 - the cache is an optimization; the plain path reports errors
             pass
+    _read_ahead_weights(Path(path), provider)
     session = ort.InferenceSession(
         str(path), sess_options=profiled(session_options(provider, fused, prepack)), providers=providers
     )
