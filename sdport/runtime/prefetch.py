@@ -6,18 +6,25 @@ page cache (after a reboot, or once the kernel has dropped them), opening the se
 first run read them from disk by page faults, a readahead window at a time, and wait for each.
 Asked for in the background just before each session opens (sessions.open_session), they are
 read ahead of both instead. SD 1.5-sized fp32 at 512 px on 2 cores, one-step text-to-image from
-process start with the weight files out of the page cache: 12.1-12.9 s against 12.5-13.3 s when
-they were asked for once the session had opened (Pipeline.load 3.0-3.5 s against 3.7-4.9 s; six
-runs each, in turn, 2026-11-29). That first form had brought the same image from 10.7-11.1 s
-with no read-ahead to 9.7-10.0 s on the machine of 2026-11-27. With the files cached neither
-changes anything measurable. The price: pages read this way stay cached as 4 KB pages, so a later process maps
-them 4 KB at a fault instead of up to 2 MB: that UNet's session took 1.03-1.25 s to open instead
-of 0.92-0.98 s, and its first 256 px run 1.04 s instead of 0.83 s.
+process start with the weight files out of the page cache: 11.9-13.2 s against 13.4-16.1 s with
+no read-ahead, and 12.5-13.3 s when they were asked for only once the session had opened, as
+before (2026-11-29, runs taken in turn). With the files cached it changes nothing measurable.
 
-Read instead by sendfile to /dev/null (the kernel's own readahead, which caches large folios),
-four slices of a file at once reached the disk's 2.8-3.2 GB/s on their own, but alongside the
-UNet's session opening they took 3.1 s instead of 1.5 s and held the opening to 5.4 s (2.4-2.8 s
-with no read-ahead, 2.0-2.2 s with WILLNEED); one slice, 2.6 s (2026-11-29).
+The price, where the filesystem caches files in large folios (ext4 on Linux 6.16 and later, as
+here; XFS): pages read this way stay cached as 4 KB pages, where the session's own page faults
+or a plain read leave folios of up to 2 MB, and every later process that maps them pays for it
+until they leave the cache. The same one-step image with its files cached took 10.7-11.7 s after
+they were read this way, against 9.3-10.1 s after page faults had read them (three rounds of two
+processes each); the UNet's session opened in 1.03-1.25 s instead of 0.92-0.98 s, and its steps
+ran about 3% slower. Kept, as most kernels cache ext4 files in 4 KB pages however they are read,
+and a machine short of memory reads its weights from disk at every start.
+
+Measured and dropped (2026-11-29): sendfile to /dev/null, which goes through the kernel's own
+readahead and leaves large folios. Four slices of a file read at once reached the disk's
+2.8-3.2 GB/s alone, but beside the UNet's session opening they took 3.1 s instead of 1.5 s and
+held the opening to 5.4 s (2.0-2.2 s with WILLNEED); read in order by one thread, the one-step
+image from disk took 15.6-17.2 s. MADV_POPULATE_READ on a MADV_HUGEPAGE mapping, four threads:
+the opening as fast as with WILLNEED, but the next process found the pages gone from the cache.
 
 One thread reads the files in the order they were asked for: the order the pipeline opens its
 graphs, which is the order a call runs them. Nothing happens where posix_fadvise is missing
