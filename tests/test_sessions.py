@@ -325,9 +325,9 @@ def test_cache_entries_hold_the_packed_weights(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux's /proc")
 def test_a_graph_opened_without_prepacking_packs_nothing(tmp_path, monkeypatch):
-    """Opened without `prepack`, the products pack their weights at each run: the cache entry holds
-    no packed copy (an entry of its own, beside the packed one), opening adds no private memory
-    even with the cache off, and the outputs match the packed graph's."""
+    """Opened without `prepack`, the products pack their weights at each run: its cache entry (under
+    a key of its own) holds no packed copy, opening adds no private memory even with the cache
+    off, and the outputs match the packed graph's."""
     from sdport.runtime.sessions import Graph, graph_cache_key
 
     path, x = _matmul_model(tmp_path / "model", 4096)  # a 64 MB weight
