@@ -19,12 +19,16 @@ processes each); the UNet's session opened in 1.03-1.25 s instead of 0.92-0.98 s
 ran about 3% slower. Kept, as most kernels cache ext4 files in 4 KB pages however they are read,
 and a machine short of memory reads its weights from disk at every start.
 
-Measured and dropped (2026-11-29): sendfile to /dev/null, which goes through the kernel's own
-readahead and leaves large folios. Four slices of a file read at once reached the disk's
-2.8-3.2 GB/s alone, but beside the UNet's session opening they took 3.1 s instead of 1.5 s and
-held the opening to 5.4 s (2.0-2.2 s with WILLNEED); read in order by one thread, the one-step
-image from disk took 15.6-17.2 s. MADV_POPULATE_READ on a MADV_HUGEPAGE mapping, four threads:
-the opening as fast as with WILLNEED, but the next process found the pages gone from the cache.
+Measured and dropped: reading the files another way, which caches them in large folios.
+WILLNEED queues all the reads at once. Read in order instead, by sendfile to /dev/null (through
+the kernel's own readahead) or MADV_POPULATE_READ, the UNet's first run from disk was about as
+slow as with no read-ahead (5.8-7.3 s against 5.2-6.7 s, 2026-11-27), and the one-step image
+from disk with sendfile in one thread took 15.6-17.2 s against 15.3-16.1 s with none
+(2026-11-29). Four sendfile slices of a file
+read at once reached the disk's 2.8-3.2 GB/s alone, but beside the UNet's session opening they
+took 3.1 s instead of 1.5 s and held the opening to 5.4 s (2.0-2.2 s with WILLNEED).
+MADV_POPULATE_READ on a MADV_HUGEPAGE mapping, four threads: the opening as fast as with
+WILLNEED, but the next process found the pages gone from the cache.
 
 One thread reads the files in the order they were asked for: the order the pipeline opens its
 graphs, which is the order a call runs them. Nothing happens where posix_fadvise is missing
@@ -41,9 +45,6 @@ from collections.abc import Iterable
 # posix_fadvise(WILLNEED) reads at most the device's readahead limit per call (Linux caps it at
 # max(read_ahead_kb, max_sectors_kb), 128 KB or more), so a file is asked for in pieces no larger
 # than that. Measured on SD 1.5's UNet: 128 KB and 8 MB pieces take the same time and CPU.
-# WILLNEED queues all the reads at once; reading the file in order instead (sendfile to /dev/null,
-# or MADV_POPULATE_READ, which cache it in large folios where WILLNEED uses 4 KB pages) left the
-# UNet's first run from disk about as slow as with none (5.8-7.3 s against 5.2-6.7 s).
 PIECE_BYTES = 128 << 10
 
 _files: queue.SimpleQueue[str] = queue.SimpleQueue()

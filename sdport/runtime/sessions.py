@@ -708,8 +708,8 @@ def open_session(
 
     Any failure of the cache (not writable, disk full, an onnxruntime that can't save) falls back
     to optimizing at session creation, as without the cache. `prepack`: see session_options.
-    `profile_prefix` turns on
-    onnxruntime's profiler (benchmarks/profile_unet.py), its JSON written at `end_profiling()`.
+    `profile_prefix` turns on onnxruntime's profiler (benchmarks/profile_unet.py), its JSON
+    written at `end_profiling()`.
     """
 
     def profiled(options: ort.SessionOptions) -> ort.SessionOptions:
