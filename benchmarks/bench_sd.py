@@ -18,7 +18,8 @@ is shared and noisy, so compare ratios, not absolute times across runs.
                 is the median of N processes per side, started in turn (diffusers, sdport fp32,
                 int8, diffusers, ...). With --uncached-runs N, N more cold processes per side
                 start with their model files (and sdport's session cache entries) dropped from
-                the kernel's page cache, so that their weights come from disk, as after a reboot
+                the kernel's page cache, so that their weights come from disk, as after a reboot.
+                Each cold process's system CPU time (page faults, page-cache fills) beside it
   memory        peak RSS of each process; sdport's low_memory mode (one component at a time);
                 the peak of its anonymous part (RssAnon: weights memory-mapped from a file are not
                 in it, and the kernel can reclaim those pages under pressure)
@@ -26,6 +27,9 @@ is shared and noisy, so compare ratios, not absolute times across runs.
                 share of the step, for sdport and for diffusers
   install       a fresh venv with sdport's base install vs one that can run diffusers (cached)
   int8 error    the int8 folder's image against the fp32 folder's, same seed
+  fresh memory  what a process's first writes to 1 GB cost on this machine, after a pause and just
+                after another process freed memory: on a VM whose host takes back free memory, the
+                first kind is many times slower, and every cold start pays it for what it takes
 
 The SD 1.5-sized model (random weights, benchmarks/sd15_model.py) is built and exported once and
 cached outside the repository. With --model sd15, each measurement takes /tmp/sd15.lock (flock) so
@@ -264,6 +268,16 @@ def worker_t2i_sdport(folder: str, size: int, steps: int, png: str, warm: int, l
             **overhead(loop["loop_s"], loop["unet_s"], loop["evals"])}
 
 
+def worker_first_touch(mb: int) -> dict:
+    """Writes `mb` MB of memory this process has not touched before: touch_s, the page faults that
+    took."""
+    import numpy as np
+
+    t = time.perf_counter()
+    np.ones(mb << 18, dtype=np.float32)  # 4-byte floats: mb << 20 bytes
+    return {"touch_s": time.perf_counter() - t}
+
+
 def worker_load_sdport(folder: str, provider: str = "cpu") -> dict:
     """Loads every session once (this builds the pre-optimized cache the first time)."""
     from sdport.runtime.pipeline import Pipeline
@@ -390,9 +404,20 @@ def run_worker(workers: dict, args: argparse.Namespace) -> bool:
     memory: dict = {}
     with anonymous_peak(memory):
         result = workers[args.worker](**json.loads(args.args))
-    result.update(memory, peak_rss_mb=peak_rss_mb())  # imports and sessions included
+    result.update(memory, peak_rss_mb=peak_rss_mb(), **cpu_and_faults())  # imports and sessions included
     print(json.dumps(result))
     return True
+
+
+def cpu_and_faults() -> dict:
+    """This process's CPU time so far, user and system, and its page faults: minor (a page mapped
+    or zeroed, no read) and major (read from disk). System time is mostly the faults and, starting
+    from disk, filling the page cache."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user_s": usage.ru_utime, "system_s": usage.ru_stime, "minor_faults": usage.ru_minflt,
+            "major_faults": usage.ru_majflt}
 
 
 def median(values: list[float]) -> float:
@@ -486,6 +511,11 @@ def bench(args) -> dict:
     def say(message: str) -> None:  # and keep what is measured so far, should a later stage fail
         print(message, file=sys.stderr, flush=True)
         args.out.with_suffix(".partial.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    result["machine"]["memory_first_touch"] = memory_first_touch(lock)
+    touch = result["machine"]["memory_first_touch"]
+    say(f"first writes to {touch['mb']} MB: {touch['after_pause_s']:.2f} s after a pause, "
+        f"{touch['just_freed_s']:.2f} s just freed")
 
     # 0. the first-ever load builds the pre-optimized session cache; later loads use it.
     result["first_load"] = {}
@@ -586,20 +616,33 @@ def cold_rounds(t2i: dict, sides: dict[str, Path | None], image: Callable[[Path 
     """rounds - 1 more cold images for each of `sides` (t2i names -> what `image` runs), one of
     each in turn, so that a slow spell of the machine falls on all alike. cold_s becomes the
     median of the rounds (cold_runs_s lists them), and sdport's cold_ratios the per-round ratios."""
-    runs = {name: [t2i[name]["cold_s"]] for name in sides}
+    runs = {name: [t2i[name]] for name in sides}
     for _ in range(rounds - 1):
         for name, folder in sides.items():
-            runs[name].append(image(folder, f"{name}-cold.png")["cold_s"])
-    for name in sides:
-        t2i[name].update(cold_runs_s=runs[name], cold_s=median(runs[name]))
-        if name != "diffusers":
-            t2i[name]["cold_ratios"] = [a / b for a, b in zip(runs[name], runs["diffusers"])]
+            runs[name].append(image(folder, f"{name}-cold.png"))
+    rounds_into(t2i, runs, "cold")
 
 
 # Seconds between dropping a side's files and starting it: a cold start finds the memory those
-# pages held freed a while before, not just now (on these VMs memory freed moments ago is faster
-# to take again, which would flatter whichever side reads more from disk).
+# pages held freed a while before, not just now. On these VMs memory freed moments ago is far
+# faster to take again (memory_first_touch), which would flatter whichever side reads more from
+# disk.
 UNCACHED_PAUSE_S = 10
+FIRST_TOUCH_MB = 1024
+
+
+def memory_first_touch(lock: str | None) -> dict:
+    """What writing FIRST_TOUCH_MB of fresh memory costs a process on this machine: after_pause_s
+    when no process has freed memory for UNCACHED_PAUSE_S, just_freed_s right after another process
+    freed as much. On a VM whose host takes back the guest's free memory (these: 2026-11-29, 4 GB
+    took 8.8-9.2 s after a pause and 0.27 s just freed) each page's first write waits for the host,
+    in the guest's system time; every cold start pays it for the memory it takes, both sides alike,
+    and more the longer the machine sat idle before."""
+    time.sleep(UNCACHED_PAUSE_S)
+    after_pause = spawn("first_touch", lock, mb=FIRST_TOUCH_MB)
+    just_freed = spawn("first_touch", lock, mb=FIRST_TOUCH_MB)
+    return {"mb": FIRST_TOUCH_MB, "after_pause_s": after_pause["touch_s"], "just_freed_s": just_freed["touch_s"],
+            "after_pause_system_s": after_pause["system_s"], "just_freed_system_s": just_freed["system_s"]}
 
 
 def uncached_rounds(t2i: dict, sides: dict[str, Path], image: Callable[..., dict],
@@ -607,17 +650,28 @@ def uncached_rounds(t2i: dict, sides: dict[str, Path], image: Callable[..., dict
     """`rounds` cold images per side (t2i names -> model folder), in turn, each started with the
     side's files out of the page cache: uncached_s (their median), uncached_runs_s, and for sdport
     uncached_ratios per round."""
-    runs: dict[str, list[float]] = {name: [] for name in sides}
+    runs: dict[str, list[dict]] = {name: [] for name in sides}
     for _ in range(rounds):
         for name, folder in sides.items():
             drop_from_page_cache(folder)
             time.sleep(UNCACHED_PAUSE_S)
             runs[name].append(image(None if name == "diffusers" else folder, f"{name}-uncached.png",
-                                    from_disk=True)["cold_s"])
-    for name in sides:
-        t2i[name].update(uncached_runs_s=runs[name], uncached_s=median(runs[name]))
+                                    from_disk=True))
+    rounds_into(t2i, runs, "uncached")
+
+
+def rounds_into(t2i: dict, runs: dict[str, list[dict]], kind: str) -> None:
+    """Each side's rounds of cold images (t2i names -> their processes' results, in round order)
+    into t2i: {kind}_runs_s (each process's start to PNG), {kind}_s (their median),
+    {kind}_system_s (each process's system CPU) and, for sdport's sides, {kind}_ratios per round."""
+    for name, results in runs.items():
+        times = [r["cold_s"] for r in results]
+        t2i[name].update({f"{kind}_runs_s": times, f"{kind}_s": median(times),
+                          f"{kind}_system_s": [r.get("system_s") for r in results]})
+    for name in runs:
         if name != "diffusers":
-            t2i[name]["uncached_ratios"] = [a / b for a, b in zip(runs[name], runs["diffusers"])]
+            t2i[name][f"{kind}_ratios"] = [a / b for a, b in zip(t2i[name][f"{kind}_runs_s"],
+                                                                  t2i["diffusers"][f"{kind}_runs_s"])]
 
 
 def model_files(folder: Path) -> list[Path]:
@@ -690,11 +744,21 @@ def ratios(r: dict) -> dict:
     return out
 
 
+def first_touch_line(info: dict) -> list[str]:
+    """The machine's cost of fresh memory (memory_first_touch) as a line under the table's title."""
+    touch = info.get("memory_first_touch")
+    if touch is None:  # JSON of earlier runs
+        return []
+    return [f"Fresh memory: a process's first writes to {touch['mb']} MB took {touch['after_pause_s']:.2f} s "
+            f"after {UNCACHED_PAUSE_S} s with no memory freed, {touch['just_freed_s']:.2f} s right after "
+            f"another process freed as much."]
+
+
 def table(r: dict) -> str:
     """Markdown table: each row a measurement, reference and sdport side by side, with ratios."""
     lines = [f"Model: {r['model']}; {r['machine']['cpu']}, {r['machine']['threads']} threads for both; "
              f"{r['date']}; median of {r['runs']} runs after a warm-up; text-to-image {r['steps']} steps "
-             f"at {r['image_size']}x{r['image_size']}, guidance {GUIDANCE}.", "",
+             f"at {r['image_size']}x{r['image_size']}, guidance {GUIDANCE}.", *first_touch_line(r['machine']), "",
              "| measurement | diffusers / PyTorch | sdport fp32 | ratio | sdport int8 | ratio | target |",
              "|---|---|---|---|---|---|---|"]
 
@@ -733,15 +797,23 @@ def table(r: dict) -> str:
     row("text-to-image cold, process start to PNG (s)" + (f", median of {cold_runs}" if cold_runs > 1 else ""),
         t["diffusers"]["cold_s"], t["fp32"]["cold_s"], get(t, "int8", "cold_s"), "{:.1f}", "<= 0.5x")
 
+    def system_cpu(kind: str) -> None:  # JSON of earlier runs has none
+        median_of = lambda name: median(t[name][f"{kind}_system_s"]) if f"{kind}_system_s" in t.get(name, {}) else None  # noqa: E731
+        if median_of("fp32") is not None:
+            row("  system CPU of those processes (page faults, page-cache fills) (s), median", median_of("diffusers"),
+                median_of("fp32"), median_of("int8"), "{:.1f}", "")
+
     if cold_runs > 1:
         lines.append(f"|   ratio in each round (diffusers, then sdport, {cold_runs} rounds) | | | "
                      f"{spread(t, 'fp32', 'cold_ratios')} | | {spread(t, 'int8', 'cold_ratios')} | |")
+    system_cpu("cold")
     if "uncached_s" in t["fp32"]:
         uncached_runs = len(t["fp32"]["uncached_runs_s"])
         row(f"  same, weights read from disk (page cache dropped first) (s), median of {uncached_runs}",
             t["diffusers"]["uncached_s"], t["fp32"]["uncached_s"], get(t, "int8", "uncached_s"), "{:.1f}", "<= 0.5x")
         lines.append(f"|   ratio in each round | | | {spread(t, 'fp32', 'uncached_ratios')} | | "
                      f"{spread(t, 'int8', 'uncached_ratios')} | |")
+        system_cpu("uncached")
     row("  same, session cache off (s)", t["diffusers"]["cold_s"], t["fp32_no_cache"]["cold_s"], None, "{:.1f}", "")
     def startup(name: str) -> float | None:  # both from the first round's process, which made the warm images
         return t[name].get("cold_runs_s", [t[name]["cold_s"]])[0] - t[name]["warm_s"] if name in t else None
