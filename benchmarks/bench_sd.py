@@ -26,6 +26,9 @@ is shared and noisy, so compare ratios, not absolute times across runs.
   overhead      scheduler + Python time per step (the denoising loop outside the UNet), as a
                 share of the step, for sdport and for diffusers
   install       a fresh venv with sdport's base install vs one that can run diffusers (cached)
+  reference     PyTorch's step (each size) and diffusers' cold image once more with glibc keeping
+                freed memory (MALLOC_KEEPS_FREED): how much of the reference's time is its tensors
+                page-faulted in again
   int8 error    the int8 folder's image against the fp32 folder's, same seed
   fresh memory  what a process's first writes to 1 GB cost on this machine, after a pause and just
                 after another process freed memory: on a VM whose host takes back free memory, the
@@ -541,6 +544,10 @@ def bench(args) -> dict:
             row["fp32_no_cache"] = spawn("unet_sdport", lock, env={"SDPORT_ORT_CACHE": "0"}, folder=str(onnx),
                                          size=size, runs=args.runs)
             row["fp32_no_cache"]["median_s"] = median(row["fp32_no_cache"]["times_s"])
+        read_into_page_cache(diffusers_dir)
+        row["torch_malloc_keeps"] = spawn("unet_torch", lock, env=MALLOC_KEEPS_FREED, model=str(diffusers_dir),
+                                          size=size, runs=args.runs)
+        row["torch_malloc_keeps"]["median_s"] = median(row["torch_malloc_keeps"]["times_s"])
         result["unet"][str(size)] = row
         say(f"unet {size}px: " + ", ".join(f"{k} {v['median_s']:.3f} s" for k, v in row.items()))
 
@@ -553,7 +560,7 @@ def bench(args) -> dict:
             read_into_page_cache(diffusers_dir if folder is None else folder)
         common = {"size": args.image_size, "steps": args.steps, "png": str(out_dir / png), "warm": warm}
         if folder is None:
-            r = spawn("t2i_diffusers", lock, model=str(diffusers_dir), **common)
+            r = spawn("t2i_diffusers", lock, env=env, model=str(diffusers_dir), **common)
         else:
             r = spawn("t2i_sdport", lock, env=env, folder=str(folder), low_memory=low_memory, **common)
         return add_start_times(r)
@@ -565,6 +572,7 @@ def bench(args) -> dict:
     if int8:
         t2i["int8_low_memory"] = image(int8, "sdport-int8-low-memory.png", low_memory=True)
     t2i["fp32_no_cache"] = image(onnx, "sdport-fp32-no-cache.png", env={"SDPORT_ORT_CACHE": "0"})
+    t2i["diffusers_malloc_keeps"] = image(None, "diffusers-malloc-keeps.png", env=MALLOC_KEEPS_FREED)
     cold_rounds(t2i, {"diffusers": None, **folders}, image, args.cold_runs)
     if args.uncached_runs:
         uncached_rounds(t2i, {"diffusers": diffusers_dir, **folders}, image, args.uncached_runs)
@@ -622,6 +630,14 @@ def cold_rounds(t2i: dict, sides: dict[str, Path | None], image: Callable[[Path 
             runs[name].append(image(folder, f"{name}-cold.png"))
     rounds_into(t2i, runs, "cold")
 
+
+# glibc told to keep what is freed for reuse instead of handing large blocks back to the system:
+# PyTorch takes its CPU tensors from malloc with no cache of its own, so by default each large one
+# is page-faulted in again at every layer of every step. A reference measured this way too shows
+# how much of PyTorch's time those faults are (SD 1.5-sized 512 px step on the Zen 5, 2026-11-29:
+# 5.86-5.91 s against 6.52-6.57 s, system CPU 0.8-0.9 s against 4.9-5.1 s).
+MALLOC_KEEPS_FREED = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
+                      "MALLOC_TOP_PAD_": str(1 << 28)}
 
 # Seconds between dropping a side's files and starting it: a cold start finds the memory those
 # pages held freed a while before, not just now. On these VMs memory freed moments ago is far
@@ -730,7 +746,7 @@ def ratios(r: dict) -> dict:
                 out[f"unet_{size}_{name}_rss"] = row[name]["peak_rss_mb"] / row["torch"]["peak_rss_mb"]
     ref = r["t2i"]["diffusers"]
     for name, t in r["t2i"].items():
-        if name == "diffusers":
+        if name.startswith("diffusers"):  # the reference, and its variants
             continue
         out[f"t2i_{name}_cold"] = t["cold_s"] / ref["cold_s"]
         if "uncached_s" in t:
@@ -782,6 +798,9 @@ def table(r: dict) -> str:
         if rounds > 1:
             lines.append(f"|   ratio in each round (PyTorch, then sdport, {rounds} rounds) | | | "
                          f"{spread(u, 'fp32', 'round_ratios')} | | {spread(u, 'int8', 'round_ratios')} | |")
+        if "torch_malloc_keeps" in u:  # JSON of earlier runs has none
+            row("  against PyTorch with glibc keeping freed memory (MALLOC_KEEPS_FREED) (s)",
+                u["torch_malloc_keeps"]["median_s"], u["fp32"]["median_s"], get(u, "int8", "median_s"), "{:.3f}", "")
         row(f"UNet peak RSS, {size}px (MB)", u["torch"]["peak_rss_mb"], u["fp32"]["peak_rss_mb"],
             get(u, "int8", "peak_rss_mb"), "{:.0f}", "")
     t = r["t2i"]
@@ -807,6 +826,9 @@ def table(r: dict) -> str:
         lines.append(f"|   ratio in each round (diffusers, then sdport, {cold_runs} rounds) | | | "
                      f"{spread(t, 'fp32', 'cold_ratios')} | | {spread(t, 'int8', 'cold_ratios')} | |")
     system_cpu("cold")
+    if "diffusers_malloc_keeps" in t:
+        row("  against diffusers with glibc keeping freed memory (MALLOC_KEEPS_FREED), one process (s)",
+            t["diffusers_malloc_keeps"]["cold_s"], t["fp32"]["cold_s"], get(t, "int8", "cold_s"), "{:.1f}", "")
     if "uncached_s" in t["fp32"]:
         uncached_runs = len(t["fp32"]["uncached_runs_s"])
         row(f"  same, weights read from disk (page cache dropped first) (s), median of {uncached_runs}",
