@@ -19,7 +19,8 @@ is shared and noisy, so compare ratios, not absolute times across runs.
                 int8, diffusers, ...). With --uncached-runs N, N more cold processes per side
                 start with their model files (and sdport's session cache entries) dropped from
                 the kernel's page cache, so that their weights come from disk, as after a reboot.
-                Each cold process's system CPU time (page faults, page-cache fills) beside it
+                Beside both, the median system CPU time of those processes (page faults, page-cache
+                fills)
   memory        peak RSS of each process; sdport's low_memory mode (one component at a time);
                 the peak of its anonymous part (RssAnon: weights memory-mapped from a file are not
                 in it, and the kernel can reclaim those pages under pressure)
@@ -272,8 +273,8 @@ def worker_t2i_sdport(folder: str, size: int, steps: int, png: str, warm: int, l
 
 
 def worker_first_touch(mb: int) -> dict:
-    """Writes `mb` MB of memory this process has not touched before: touch_s, the page faults that
-    took."""
+    """Writes `mb` MB of memory this process has not touched before; touch_s: how long that took,
+    nearly all of it page faults."""
     import numpy as np
 
     t = time.perf_counter()
@@ -623,7 +624,8 @@ def cold_rounds(t2i: dict, sides: dict[str, Path | None], image: Callable[[Path 
                 rounds: int) -> None:
     """rounds - 1 more cold images for each of `sides` (t2i names -> what `image` runs), one of
     each in turn, so that a slow spell of the machine falls on all alike. cold_s becomes the
-    median of the rounds (cold_runs_s lists them), and sdport's cold_ratios the per-round ratios."""
+    median of the rounds (cold_runs_s lists them, cold_system_s their system CPU), and sdport's
+    cold_ratios the per-round ratios."""
     runs = {name: [t2i[name]] for name in sides}
     for _ in range(rounds - 1):
         for name, folder in sides.items():
@@ -664,8 +666,8 @@ def memory_first_touch(lock: str | None) -> dict:
 def uncached_rounds(t2i: dict, sides: dict[str, Path], image: Callable[..., dict],
                     rounds: int) -> None:
     """`rounds` cold images per side (t2i names -> model folder), in turn, each started with the
-    side's files out of the page cache: uncached_s (their median), uncached_runs_s, and for sdport
-    uncached_ratios per round."""
+    side's files out of the page cache: uncached_s (their median), uncached_runs_s,
+    uncached_system_s, and for sdport uncached_ratios per round."""
     runs: dict[str, list[dict]] = {name: [] for name in sides}
     for _ in range(rounds):
         for name, folder in sides.items():
