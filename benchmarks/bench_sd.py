@@ -530,25 +530,25 @@ def bench(args) -> dict:
     # 1. UNet step, batch 2.
     result["unet"] = {}
 
-    def unet_step(name: str, size: int) -> dict:
+    def unet_step(name: str, size: int, env: dict | None = None) -> dict:
         """One process's UNet steps: PyTorch's ("torch") or sdport's on folders[name]."""
         if name == "torch":
             read_into_page_cache(diffusers_dir)
-            return spawn("unet_torch", lock, model=str(diffusers_dir), size=size, runs=args.runs)
+            return spawn("unet_torch", lock, env=env, model=str(diffusers_dir), size=size, runs=args.runs)
         read_into_page_cache(folders[name])
-        return spawn("unet_sdport", lock, folder=str(folders[name]), size=size, runs=args.runs)
+        return spawn("unet_sdport", lock, env=env, folder=str(folders[name]), size=size, runs=args.runs)
+
+    def unet_step_variant(name: str, size: int, env: dict) -> dict:
+        """One more process of a side's UNet steps, under `env`, with their median_s."""
+        r = unet_step(name, size, env)
+        r["median_s"] = median(r["times_s"])
+        return r
 
     for size in args.sizes:
         row = step_rounds(["torch", *folders], functools.partial(unet_step, size=size), args.step_rounds)
         if size == args.sizes[0]:
-            read_into_page_cache(onnx)
-            row["fp32_no_cache"] = spawn("unet_sdport", lock, env={"SDPORT_ORT_CACHE": "0"}, folder=str(onnx),
-                                         size=size, runs=args.runs)
-            row["fp32_no_cache"]["median_s"] = median(row["fp32_no_cache"]["times_s"])
-        read_into_page_cache(diffusers_dir)
-        row["torch_malloc_keeps"] = spawn("unet_torch", lock, env=MALLOC_KEEPS_FREED, model=str(diffusers_dir),
-                                          size=size, runs=args.runs)
-        row["torch_malloc_keeps"]["median_s"] = median(row["torch_malloc_keeps"]["times_s"])
+            row["fp32_no_cache"] = unet_step_variant("fp32", size, {"SDPORT_ORT_CACHE": "0"})
+        row["torch_malloc_keeps"] = unet_step_variant("torch", size, MALLOC_KEEPS_FREED)
         result["unet"][str(size)] = row
         say(f"unet {size}px: " + ", ".join(f"{k} {v['median_s']:.3f} s" for k, v in row.items()))
 
