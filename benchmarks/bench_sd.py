@@ -871,7 +871,7 @@ def table(r: dict) -> str:
     ratio = (f"{t['fp32']['overhead_s_per_step'] / t['diffusers']['overhead_s_per_step']:.2f}x (per step)"
              if "overhead_s_per_step" in t["diffusers"] else "")
     loops = t["fp32"].get("overhead_loops")
-    of_loops = f", median of {loops} images' loops" if loops else ""
+    of_loops = {None: "", 1: ", one image's loop"}.get(loops, f", median of {loops} images' loops")
     lines.append(f"| scheduler + Python overhead per step{of_loops} | {share('diffusers')} | {share('fp32')} | {ratio} | "
                  f"{share('int8')} | | < 1% |")
     if "install" in r:
