@@ -200,7 +200,8 @@ def overhead(loops: list[dict]) -> dict:
               "overhead_share": median([(o["loop_s"] - o["unet_s"]) / o["loop_s"] for o in timed]),
               "step_s": median([o["loop_s"] / max(o["evals"], 1) for o in timed]), "overhead_loops": len(timed)}
     if all("graph_s" in o for o in timed):
-        result.update(graph_io_s_per_step=per_eval("unet_s", "graph_s"), loop_python_s_per_step=per_eval("graph_s", "loop_s"))
+        result.update(graph_io_s_per_step=per_eval("unet_s", "graph_s"),
+                      loop_python_s_per_step=per_eval("graph_s", "loop_s"))
     return result
 
 
