@@ -28,7 +28,12 @@ from disk with sendfile in one thread took 15.6-17.2 s against 15.3-16.1 s with 
 read at once reached the disk's 2.8-3.2 GB/s alone, but beside the UNet's session opening they
 took 3.1 s instead of 1.5 s and held the opening to 5.4 s (2.0-2.2 s with WILLNEED).
 MADV_POPULATE_READ on a MADV_HUGEPAGE mapping, four threads: the opening as fast as with
-WILLNEED, but the next process found the pages gone from the cache.
+WILLNEED, but the next process found the pages gone from the cache. Measured again later that day
+(benchmarks/RESULTS.md): sendfile in 8 MB calls started from disk in 12.3-12.6 s in one set of
+three rounds and in 15.3-16.2 s in the next (WILLNEED 12.5-13.2 s throughout); plain reads, the
+opening's ranges first or not, in 13.3-14.4 s. The 4 KB pages cost the kernel's time, not the
+reads': a cached start took 3.4-3.5 s of system CPU after WILLNEED had read its files, 1.0-1.1 s
+after a plain read.
 
 One thread reads the files in the order they were asked for: the order the pipeline opens its
 graphs, which is the order a call runs them. Nothing happens where posix_fadvise is missing
