@@ -112,7 +112,8 @@ def _bound_step(path: Path, fused: bool, feeds: dict, cuda_options: dict):
     import numpy as np
     import onnxruntime as ort
 
-    from sdport.runtime.sessions import ORT_DTYPES, session_options
+    from sdport.runtime.options import session_options
+    from sdport.runtime.sessions import ORT_DTYPES
 
     session = ort.InferenceSession(
         str(path), session_options("cuda", fused),
@@ -144,7 +145,8 @@ def worker_unet_sdport(folder: str, size: int, runs: int, npy: str, cuda_options
 
     from sdport.export.quantize import unet_feeds
     from sdport.models.manifest import read_manifest
-    from sdport.runtime.sessions import Graph, check_graph_files, resolve_provider
+    from sdport.runtime.graph_files import check_graph_files
+    from sdport.runtime.sessions import Graph, resolve_provider
 
     result: dict = {}
     with gpu_memory_peak(result):

@@ -71,7 +71,7 @@ GUIDANCE = 7.5
 
 
 def _threads() -> int:
-    from sdport.runtime.sessions import physical_cores
+    from sdport.runtime.options import physical_cores
 
     return physical_cores()
 
@@ -123,7 +123,8 @@ def torch_unet_step(unet, size: int) -> Callable[[], object]:
 def worker_unet_sdport(folder: str, size: int, runs: int) -> dict:
     from sdport.export.quantize import unet_feeds
     from sdport.models.manifest import read_manifest
-    from sdport.runtime.sessions import Graph, check_graph_files
+    from sdport.runtime.graph_files import check_graph_files
+    from sdport.runtime.sessions import Graph
 
     manifest = read_manifest(Path(folder))
     spec = manifest.graphs["unet"]
@@ -481,7 +482,7 @@ def _cpu_name() -> str:
     """The CPU's model name, with its family/model numbers and widest vector extension where
     /proc/cpuinfo gives them: ratios to PyTorch move with the CPU generation, and a name like
     "AMD EPYC" covers 2-core machines whose fp32 products ran at 196 and at 436 GFLOP/s."""
-    from sdport.runtime.sessions import cpu_info
+    from sdport.runtime.graph_cache import cpu_info
 
     fields = cpu_info()
     if fields is None:
@@ -704,7 +705,7 @@ def rounds_into(t2i: dict, runs: dict[str, list[dict]], kind: str) -> None:
 
 def model_files(folder: Path) -> list[Path]:
     """The files of `folder` and of the session-cache entries made from it: what a run on it reads."""
-    from sdport.runtime.sessions import cache_entry_source, ort_cache_dir
+    from sdport.runtime.graph_cache import cache_entry_source, ort_cache_dir
 
     files = [p for p in folder.rglob("*") if p.is_file()]
     cache = ort_cache_dir()

@@ -164,7 +164,8 @@ def worker_profile_sdport(folder: str, size: int, graph: str = "unet") -> dict:
 
     from sdport.export.quantize import unet_feeds
     from sdport.models.manifest import read_manifest
-    from sdport.runtime.sessions import check_graph_files, open_session
+    from sdport.runtime.graph_files import check_graph_files
+    from sdport.runtime.sessions import open_session
 
     manifest = read_manifest(Path(folder))
     spec = manifest.graphs[graph]
@@ -197,7 +198,7 @@ def worker_gemm_onnxruntime() -> dict:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from sdport.runtime.sessions import session_options
+    from sdport.runtime.options import session_options
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((GEMM, GEMM), dtype=np.float32)

@@ -78,11 +78,6 @@ def pipe(tiny_onnx_dir: Path) -> Pipeline:
 # --- requests ------------------------------------------------------------------------------------
 
 
-def cheap(value, low: int, high: int) -> bool:
-    """False for a valid integer in (low, high]: valid but slow (big images, many steps) is left out."""
-    return not (isinstance(value, int) and not isinstance(value, bool) and low < value <= high)
-
-
 JUNK = st.none() | st.booleans() | st.floats() | ANY_TEXT | st.integers(-(2**70), 2**70)
 MODES = st.sampled_from(["RGB", "RGBA", "L", "LA", "P", "1", "CMYK", "I;16", "I", "F", "YCbCr", "La", "PA"])
 # Per parameter: values that work (kept small: a valid 8192-pixel or 1000-step request would run
@@ -270,7 +265,8 @@ def test_safetensors_headers(tmp_path_factory, raw):
 @fuzz_settings(300)
 @given(data=st.data())
 def test_onnx_files(folder, tiny_onnx_dir, tmp_path_factory, data):
-    from sdport.runtime.sessions import Graph, check_graph_files
+    from sdport.runtime.graph_files import check_graph_files
+    from sdport.runtime.sessions import Graph
 
     TRIED["onnx_bytes"] += 1
     original = (tiny_onnx_dir / "text_encoder" / "model.onnx").read_bytes()

@@ -24,7 +24,7 @@ from PIL import Image
 from sdport.runtime import images as imgs
 from sdport.runtime.noise import PortableNoise
 from sdport.runtime.plans import folder_config, run_plan, sampling_plan, write_folder_plans
-from sdport.runtime.sessions import physical_cores
+from sdport.runtime.options import physical_cores
 from sdport.runtime.tokenizer import ClipTokenizer
 
 HOSTS = Path(__file__).resolve().parent.parent / "hosts"

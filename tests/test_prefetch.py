@@ -6,6 +6,7 @@ import os
 import threading
 
 from sdport.runtime import Pipeline, prefetch, sessions
+from sdport.runtime.graph_files import weight_files
 
 WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", 3)
 
@@ -67,7 +68,7 @@ def test_each_graphs_weights_are_asked_for_just_before_its_session_opens(tiny_on
     real_session = sessions.ort.InferenceSession
 
     def session(path, *args, **kwargs):
-        events.append(("open", sorted(sessions.weight_files(path))))
+        events.append(("open", sorted(weight_files(path))))
         return real_session(path, *args, **kwargs)
 
     monkeypatch.setattr(sessions, "prefetch", lambda files: events.append(("asked", list(files))))

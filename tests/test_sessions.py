@@ -17,7 +17,8 @@ import pytest
 from sdport.errors import UsageError
 from sdport.models.manifest import ManifestError
 from sdport.runtime import Pipeline
-from sdport.runtime.sessions import available_providers, check_graph_files, external_data_locations, resolve_provider
+from sdport.runtime.graph_files import check_graph_files, external_data_locations
+from sdport.runtime.sessions import available_providers, resolve_provider
 
 HAVE = ort.get_available_providers()
 
@@ -80,7 +81,7 @@ def test_cuda_generates_like_cpu(tiny_onnx_dir):
     for prompt, size, count, guidance in requests:
         request = dict(width=size, height=size, num_images=count, guidance=guidance, **kwargs)
         got, want = on_gpu.generate(prompt, **request), on_cpu.generate(prompt, **request)
-        # CUDA runs fp32 convolutions and matmuls in TF32 (sessions.cuda_provider_options): on an H100
+        # CUDA runs fp32 convolutions and matmuls in TF32 (options.cuda_provider_options): on an H100
         # pixels moved by up to 7.4e-3 (mean 7e-4) from the CPU's, by 3.5e-6 with TF32 turned off.
         # A stale input would show: "a fox" and "a red fox" differ by up to 0.13 here.
         difference = np.abs(got - want)
@@ -328,7 +329,8 @@ def test_a_graph_opened_without_prepacking_packs_nothing(tmp_path, monkeypatch):
     """Opened without `prepack`, the products pack their weights at each run: its cache entry (under
     a key of its own) holds no packed copy, opening adds no private memory even with the cache
     off, and the outputs match the packed graph's."""
-    from sdport.runtime.sessions import Graph, graph_cache_key
+    from sdport.runtime.graph_cache import graph_cache_key
+    from sdport.runtime.sessions import Graph
 
     path, x = _matmul_model(tmp_path / "model", 4096)  # a 64 MB weight
     cache = tmp_path / "cache"
@@ -430,11 +432,11 @@ def test_generate_leaves_no_weight_pages_resident(tiny_onnx_dir, monkeypatch):
     encoder before the UNet steps, UNet before the decode), sessions held, images unchanged.
     The tiny model's weights are below the size worth releasing, so the test lowers it."""
     from sdport.runtime import sessions
-    from sdport.runtime.sessions import _file_mappings
+    from sdport.runtime.resident import file_mappings
 
     def resident_kb(pipe: Pipeline) -> int:
         files = frozenset().union(*(g.weight_files for g in pipe._graphs.values()))
-        mapped = [m for m in _file_mappings() if m["path"] in files]
+        mapped = [m for m in file_mappings() if m["path"] in files]
         assert mapped
         return sum(m["Rss"] for m in mapped)
 
@@ -453,9 +455,9 @@ def test_sessions_leave_no_threads_spinning_after_a_call(tiny_onnx_dir, monkeypa
     """After a generate call the process is idle: no session's intra-op workers keep spinning
     (onnxruntime's default spins them ~30 ms after each run, which on few cores competed with the
     next graph's threads). Two threads per pool, whatever this machine has."""
-    from sdport.runtime import sessions
+    from sdport.runtime import options
 
-    monkeypatch.setattr(sessions, "physical_cores", lambda: 2)
+    monkeypatch.setattr(options, "physical_cores", lambda: 2)
     pipe = Pipeline.load(tiny_onnx_dir, provider="cpu")
     for _ in range(2):
         pipe.generate("a fox", steps=2, seed=5, output="np", progress=False)
@@ -514,7 +516,7 @@ def test_session_cache_drops_the_entries_of_graphs_that_are_gone(tmp_path, monke
     """Each entry is a full copy of its graph's weights: when one is written, those whose graph file
     no longer exists (a deleted folder) go, and those of graphs still there stay."""
     pytest.importorskip("onnx")
-    from sdport.runtime import sessions
+    from sdport.runtime import graph_cache, sessions
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("SDPORT_ORT_CACHE", str(cache))
@@ -522,7 +524,7 @@ def test_session_cache_drops_the_entries_of_graphs_that_are_gone(tmp_path, monke
     for path, factor in ((kept, 2.0), (deleted, 3.0), (new, 4.0)):
         path.parent.mkdir()
         _scale_graph(path, factor)
-    keys = {path: sessions.graph_cache_key(path, True) for path in (kept, deleted, new)}
+    keys = {path: graph_cache.graph_cache_key(path, True) for path in (kept, deleted, new)}
     for path in (kept, deleted):
         sessions.Graph("unet", path, "cpu", fused=True)
     assert sorted(p.name for p in cache.iterdir()) == sorted([keys[kept], keys[deleted]])
@@ -537,17 +539,17 @@ def test_session_cache_keeps_an_entry_per_provider(tmp_path, monkeypatch):
     """One graph run on the CPU and on CUDA has a pre-optimized entry for each (each provider saves
     its own fusions; the key names the provider and its hardware), and writing one leaves the other."""
     pytest.importorskip("onnx")
-    from sdport.runtime import sessions
+    from sdport.runtime import graph_cache, sessions
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("SDPORT_ORT_CACHE", str(cache))
     path = tmp_path / "model.onnx"
     _scale_graph(path, 2.0)
-    cpu_key, cuda_key = (sessions.graph_cache_key(path, True, provider) for provider in ("cpu", "cuda"))
+    cpu_key, cuda_key = (graph_cache.graph_cache_key(path, True, provider) for provider in ("cpu", "cuda"))
     assert cpu_key != cuda_key
     sessions.Graph("unet", path, "cpu", fused=True)
     # The CUDA entry as CUDA writes it, its graph optimized by the CPU's kernels (no GPU here).
-    sessions._preoptimize(path, cache / cuda_key, "cuda", True, ["CPUExecutionProvider"])
+    graph_cache.preoptimize(path, cache / cuda_key, "cuda", True, ["CPUExecutionProvider"])
     assert sorted(p.name for p in cache.iterdir()) == sorted([cpu_key, cuda_key])
     graph = sessions.Graph("unet", path, "cpu", fused=True)
     (weights,) = graph.weight_files

@@ -91,7 +91,7 @@ def _quantizer_input(src: Path, work: Path) -> tuple[Path, list[str], dict[str, 
     from sdport.export.guided_prefix import restore_prefix
     from sdport.export.onnx_files import save_model
     from sdport.export.winograd import has_winograd, restore_convs
-    from sdport.runtime.sessions import external_data_locations
+    from sdport.runtime.graph_files import external_data_locations
 
     work.mkdir(parents=True, exist_ok=True)
     model = onnx.load_model(str(src), load_external_data=False)

@@ -2,7 +2,7 @@
 
 The manifest is written by whoever wrote the folder, so a matching digest proves the files are
 the ones exported (no truncated download, no bit rot, no half-copied folder), not that their
-author is honest; the external-data and symlink checks in sessions.py are the safety checks.
+author is honest; the external-data and symlink checks in graph_files.py are the safety checks.
 
 Hashing an SD 1.5 UNet (3.4 GB) costs 5-10 s, about as long as creating its session, so every
 load would pay it twice. A file that verified once is remembered in a small cache keyed by
@@ -44,7 +44,7 @@ def file_sha256(path: Path) -> str:
 
 def stat_identity(stat: os.stat_result) -> str:
     """A file's version without reading it: size, mtime, ctime and inode (a rewrite, copy, `touch`
-    or rename changes it). Also the session cache's key for large files (sessions.py)."""
+    or rename changes it). Also the session cache's key for large files (graph_cache.py)."""
     return f"{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
 
 

@@ -26,8 +26,9 @@ from sdport.models.manifest import Manifest, ManifestError, TensorSpec, inside, 
 from sdport.runtime import images as imgs
 from sdport.runtime import schedulers
 from sdport.runtime.checksums import verify_sha256
+from sdport.runtime.graph_files import check_graph_files
 from sdport.runtime.noise import BatchNoise, LookaheadNoise
-from sdport.runtime.sessions import Graph, Port, ProviderName, check_graph_files, resolve_provider
+from sdport.runtime.sessions import Graph, Port, ProviderName, resolve_provider
 from sdport.runtime.tokenizer import ClipTokenizer
 
 Output = Literal["pil", "np"]

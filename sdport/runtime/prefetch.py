@@ -1,7 +1,7 @@
 """Weight files read into the kernel's page cache as their session opens.
 
 On CPU onnxruntime maps a graph's external weights and reads them in place (packed ones too, as
-saved in the pre-optimized cache: sessions.preoptimized_options). When the files are not in the
+saved in the pre-optimized cache: graph_cache.preoptimized_options). When the files are not in the
 page cache (after a reboot, or once the kernel has dropped them), opening the session and the
 first run read them from disk by page faults, a readahead window at a time, and wait for each.
 Asked for in the background just before each session opens (sessions.open_session), they are
