@@ -33,7 +33,8 @@ from sdport.errors import SdportError
 from sdport.models.manifest import read_manifest
 from sdport.runtime import Pipeline
 from sdport.runtime.images import output_paths
-from sdport.runtime.pipeline import MAX_IMAGES, scheduler_names
+from sdport.runtime.requests import MAX_IMAGES
+from sdport.runtime.schedulers import request_names
 
 SCALE = float(os.environ.get("SDPORT_FUZZ_SCALE", "1"))
 TRIED: Counter[str] = Counter()
@@ -90,7 +91,7 @@ VALID = {
     "width": st.sampled_from([None, 16, 32, 48]),
     "height": st.sampled_from([None, 16, 32, 48]),
     "seed": st.integers(0, 2**70),
-    "scheduler": st.sampled_from(scheduler_names()),
+    "scheduler": st.sampled_from(request_names()),
     "num_images": st.integers(1, 2),
     "image": st.none() | st.builds(lambda m, w, h: Image.new(m, (w, h)), MODES, st.integers(1, 48), st.integers(1, 48)),
     "strength": st.floats(0, 1),

@@ -198,6 +198,8 @@ def test_request_checks(tiny_onnx_dir):
         (dict(steps=0), "steps must be a positive integer"),
         (dict(guidance=float("nan")), "guidance must be a finite number"),
         (dict(scheduler="k_euler"), "unknown scheduler 'k_euler'; choose one of: .*euler_ancestral"),
+        (dict(scheduler="ddim_karras"), "scheduler 'ddim' has no Karras sigmas variant; choose one of: .*euler_karras"),
+        (dict(scheduler=5), "unknown scheduler 5"),
         (dict(image=np.zeros((64, 64, 3))), "input image"),
         (dict(latents=np.zeros((1, 4, 4, 4))), r"latents has shape \(1, 4, 4, 4\), wants \(1, 4, 8, 8\)"),
         (dict(latents=np.full((1, 4, 8, 8), np.nan)), "latents contains NaN"),

@@ -16,7 +16,9 @@ Say = Callable[[str], None]
 def run_generate(args: argparse.Namespace, say: Say | None) -> int:
     """Runs the `generate` subcommand; `say` is None with --quiet (no progress bar, no summary)."""
     from sdport.models.manifest import read_manifest
-    from sdport.runtime.pipeline import Pipeline, check_request, check_size, scheduler_names
+    from sdport.runtime.pipeline import Pipeline
+    from sdport.runtime.requests import check_request, check_size
+    from sdport.runtime.schedulers import resolve_request
     from sdport.runtime.sessions import resolve_provider
 
     # Cheap checks first: loading an SD-sized model takes seconds, a typo should not.
@@ -24,8 +26,8 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
         raise UsageError(f"--num-images must be at least 1, got {args.num_images}")
     check_request(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, guidance=args.guidance,
                   seed=args.seed, num_images=args.num_images, strength=args.strength)
-    if args.scheduler is not None and args.scheduler not in scheduler_names():
-        raise UsageError(f"unknown scheduler {args.scheduler!r}; choose one of: {', '.join(scheduler_names())}")
+    if args.scheduler is not None:
+        resolve_request(args.scheduler, {})
     resolve_provider(args.provider)
     image = None
     if args.image is not None:

@@ -29,11 +29,10 @@ from typing import Any
 import numpy as np
 
 from sdport.errors import UsageError
-from sdport.runtime.schedulers import SAMPLERS, _setup
+from sdport.runtime.schedulers import SAMPLERS, _setup, resolve_request
 from sdport.runtime.schedulers.sampler import NoiseSource
 
 PLAN_VERSION = 1
-KARRAS = "_karras"  # "<name>_karras": the folder's config with use_karras_sigmas on (as the pipeline)
 
 Model = Callable[[np.ndarray, float], np.ndarray]
 
@@ -77,8 +76,8 @@ def sampling_plan(name: str, config: Mapping[str, Any], steps: int) -> dict[str,
     """The plan of scheduler `name` with `config` for `steps` steps, as a JSON-able dict.
 
     Args:
-        name: one of `schedulers.available()`, or `<name>_karras` for the config with
-            use_karras_sigmas on (the pipeline's scheduler names).
+        name: one of `schedulers.request_names()` (the pipeline's): a scheduler, or
+            `<name>_karras` for the config with use_karras_sigmas on.
         config: a diffusers scheduler config dict, as `denoise` takes it.
         steps: number of inference steps N.
 
@@ -90,16 +89,11 @@ def sampling_plan(name: str, config: Mapping[str, Any], steps: int) -> dict[str,
         "reason"}. UsageError for unknown names, bad step counts, unsupported configs.
     """
     requested = name
-    if name.endswith(KARRAS) and name[: -len(KARRAS)] in SAMPLERS:
-        name = name[: -len(KARRAS)]
-        if "use_karras_sigmas" not in SAMPLERS[name].defaults:
-            raise UsageError(f"scheduler {name!r} has no Karras sigmas variant")
-        config = {**config, "use_karras_sigmas": True}
+    name, config = resolve_request(requested, config)
     head = {"plan_version": PLAN_VERSION, "scheduler": requested, "steps": steps}
-    if name in SAMPLERS:
-        reason = _nonlinear_reason(name, config)
-        if reason is not None:
-            return {**head, "linear": False, "reason": f"scheduler {name!r}: {reason}"}
+    reason = _nonlinear_reason(name, config)
+    if reason is not None:
+        return {**head, "linear": False, "reason": f"scheduler {name!r}: {reason}"}
     sampler, cfg, sch = _setup(name, config, steps)
     S = len(sch.timesteps)
     size = 3 * S + 1  # symbols: x_0..x_S at [0, S], e_i at S + 1 + i, z_i at 2S + 1 + i

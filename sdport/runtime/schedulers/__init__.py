@@ -34,6 +34,8 @@ __all__ = [
     "denoise",
     "karras_sigmas",
     "name_for_config",
+    "request_names",
+    "resolve_request",
     "schedule",
 ]
 
@@ -58,6 +60,33 @@ SAMPLERS: dict[str, Sampler] = {
 def available() -> tuple[str, ...]:
     """The scheduler names `denoise` accepts, e.g. "euler", "dpmpp_2m"."""
     return tuple(SAMPLERS)
+
+
+# diffusers turns Karras sigmas on in the config (use_karras_sigmas); a request names them as a
+# scheduler of its own, "<name>_karras" (as front ends list "DPM++ 2M Karras").
+KARRAS = "_karras"
+
+
+def request_names() -> tuple[str, ...]:
+    """The scheduler names a request may give: available() and `<name>_karras` for each scheduler
+    that has Karras sigmas."""
+    karras = [name + KARRAS for name, sampler in SAMPLERS.items() if "use_karras_sigmas" in sampler.defaults]
+    return (*SAMPLERS, *karras)
+
+
+def resolve_request(name: Any, config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A requested scheduler name and the folder's config -> (scheduler, config to run it with):
+    `<name>_karras` is `name` with use_karras_sigmas on. UsageError for any other name."""
+    base = name[: -len(KARRAS)] if isinstance(name, str) and name.endswith(KARRAS) else None
+    if base in SAMPLERS:
+        if "use_karras_sigmas" not in SAMPLERS[base].defaults:
+            raise UsageError(
+                f"scheduler {base!r} has no Karras sigmas variant; choose one of: {', '.join(request_names())}"
+            )
+        return base, {**config, "use_karras_sigmas": True}
+    if not isinstance(name, str) or name not in SAMPLERS:
+        raise UsageError(f"unknown scheduler {name!r}; choose one of: {', '.join(request_names())}")
+    return name, dict(config)
 
 
 def name_for_config(config: Mapping[str, Any]) -> str | None:

@@ -1,0 +1,87 @@
+"""The checks of a generate request, made before any graph runs (the CLI's before a model loads).
+
+Each bad value is a UsageError naming it, with what would be accepted.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+from sdport.errors import UsageError
+from sdport.models.manifest import Manifest
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise UsageError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+# 8192 px a side is a 1024 x 1024 latent: a million attention tokens, far past what SD 1.x/2.x
+# can denoise in memory; larger requests are typos (an extra 0), refused before any allocation.
+MAX_SIDE = 8192
+# One call is one batch (2 x num_images through the UNet with guidance): past 64 the batch no
+# longer fits any GPU at SD sizes, and a million is a typo that would exhaust host memory first.
+MAX_IMAGES = 64
+
+
+def check_size(manifest: Manifest, width: Any, height: Any) -> None:
+    """Width and height must be positive multiples of the VAE's times the UNet's down-sampling."""
+    multiple = manifest.vae_scale * manifest.latent_multiple
+    for label, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < multiple:
+            raise UsageError(f"{label} must be an integer of at least {multiple} pixels, got {value!r}")
+        if value > MAX_SIDE:
+            raise UsageError(f"{label} {value} is too large: at most {MAX_SIDE} pixels a side")
+        if value % multiple:
+            lower = value - value % multiple
+            raise UsageError(
+                f"{label} {value} is not a multiple of {multiple} (the VAE's {manifest.vae_scale}x times "
+                f"the UNet's {manifest.latent_multiple}x down-sampling); use {lower or multiple}"
+                + (f" or {lower + multiple}" if lower else "")
+            )
+
+
+def check_text(name: str, value: Any) -> str:
+    """A prompt: any length and any Unicode, but a string that can be encoded (no lone surrogates)."""
+    if not isinstance(value, str):
+        raise UsageError(f"{name} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UsageError(
+            f"{name} is not valid Unicode (a lone surrogate {value[exc.start]!r} at character {exc.start}, "
+            f"e.g. from a mis-decoded command line); pass UTF-8 text"
+        ) from None
+    return value
+
+
+def check_request(
+    *, prompt: Any, negative_prompt: Any, steps: Any, guidance: Any, seed: Any, num_images: Any,
+    strength: Any = 0.8, image_to_image: bool = True,
+) -> None:
+    """The checks of `generate` that need no model, so the CLI can make them before loading one.
+
+    `strength` is checked only for `image_to_image` (text-to-image ignores it).
+    """
+    check_text("prompt", prompt)
+    check_text("negative_prompt", negative_prompt)
+    _positive_int("steps", steps)
+    if _positive_int("num_images", num_images) > MAX_IMAGES:
+        raise UsageError(
+            f"num_images {num_images} is too many for one batch: at most {MAX_IMAGES}; generate more "
+            f"with further calls and other seeds"
+        )
+    _finite("guidance", guidance)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+    if image_to_image and not 0 <= _finite("strength", strength) <= 1:
+        raise UsageError(f"strength must be in [0, 1], got {strength}")
