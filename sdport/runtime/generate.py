@@ -27,7 +27,7 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
     check_request(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, guidance=args.guidance,
                   seed=args.seed, num_images=args.num_images, strength=args.strength)
     if args.scheduler is not None:
-        resolve_request(args.scheduler, {})
+        resolve_request(args.scheduler, {})  # an unknown name fails here, not after the load
     resolve_provider(args.provider)
     image = None
     if args.image is not None:

@@ -12,22 +12,6 @@ from pathlib import Path
 import onnxruntime as ort
 
 
-def cuda_provider_options() -> dict[str, str]:
-    """onnxruntime CUDA provider options for every graph (measured with benchmarks/bench_gpu.py).
-
-    Each session has an arena of its own, which by default grows to the next power of two and
-    keeps its peak, so the text encoder's, the UNet's and the VAE decoder's working memory were
-    all held at once: 7.0 GB against diffusers' 4.0 GB for an SD 1.5 text-to-image at 512 px.
-    Grown by what is asked, an arena hands all of it back after a graph's last run of a call
-    (Graph.run(last=True)): 5.1 GB, at the same speed (H100, 2026-11-26). cuDNN's workspace limit
-    (cudnn_conv_use_max_workspace=0) and one arena shared by all sessions changed neither.
-    """
-    # TF32 stays on (onnxruntime's default, and PyTorch's for convolutions): it runs the fp32 VAE of
-    # an --fp16 export on tensor cores, at fp32's range, where fp16 can overflow. It moves pixels
-    # by up to 7e-3 from the CPU's (tiny model, 4 steps, H100); with use_tf32=0, by 3.5e-6.
-    return {"arena_extend_strategy": "kSameAsRequested"}
-
-
 def physical_cores() -> int:
     """Physical cores this process may run on (hyper-threads share one core's FPU)."""
     try:
@@ -77,3 +61,19 @@ def session_options(provider: str, fused: bool, prepack: bool = True) -> ort.Ses
     if provider == "cpu" and not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
     return options
+
+
+def cuda_provider_options() -> dict[str, str]:
+    """onnxruntime CUDA provider options for every graph (measured with benchmarks/bench_gpu.py).
+
+    Each session has an arena of its own, which by default grows to the next power of two and
+    keeps its peak, so the text encoder's, the UNet's and the VAE decoder's working memory were
+    all held at once: 7.0 GB against diffusers' 4.0 GB for an SD 1.5 text-to-image at 512 px.
+    Grown by what is asked, an arena hands all of it back after a graph's last run of a call
+    (Graph.run(last=True)): 5.1 GB, at the same speed (H100, 2026-11-26). cuDNN's workspace limit
+    (cudnn_conv_use_max_workspace=0) and one arena shared by all sessions changed neither.
+    """
+    # TF32 stays on (onnxruntime's default, and PyTorch's for convolutions): it runs the fp32 VAE of
+    # an --fp16 export on tensor cores, at fp32's range, where fp16 can overflow. It moves pixels
+    # by up to 7e-3 from the CPU's (tiny model, 4 steps, H100); with use_tf32=0, by 3.5e-6.
+    return {"arena_extend_strategy": "kSameAsRequested"}
