@@ -33,7 +33,7 @@ from sdport.errors import SdportError
 from sdport.models.manifest import read_manifest
 from sdport.runtime import Pipeline
 from sdport.runtime.images import output_paths
-from sdport.runtime.requests import MAX_IMAGES
+from sdport.runtime.request_checks import MAX_IMAGES
 from sdport.runtime.schedulers import request_names
 
 SCALE = float(os.environ.get("SDPORT_FUZZ_SCALE", "1"))

@@ -17,7 +17,7 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
     """Runs the `generate` subcommand; `say` is None with --quiet (no progress bar, no summary)."""
     from sdport.models.manifest import read_manifest
     from sdport.runtime.pipeline import Pipeline
-    from sdport.runtime.requests import check_request, check_size
+    from sdport.runtime.request_checks import check_request, check_size
     from sdport.runtime.schedulers import resolve_request
     from sdport.runtime.sessions import resolve_provider
 

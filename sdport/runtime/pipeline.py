@@ -26,7 +26,7 @@ from sdport.runtime import schedulers
 from sdport.runtime.checksums import verify_sha256
 from sdport.runtime.graph_files import check_graph_files
 from sdport.runtime.noise import BatchNoise, LookaheadNoise
-from sdport.runtime.requests import check_request, check_size
+from sdport.runtime.request_checks import check_request, check_size
 from sdport.runtime.sessions import Graph, Port, ProviderName, resolve_provider
 from sdport.runtime.tokenizer import ClipTokenizer
 
