@@ -382,6 +382,9 @@ def poison(monkeypatch, component: str, value=np.nan, at_run: int = 1, exception
         ("text_encoder", -np.inf, "text_encoder: output has NaN or inf"),
     ],
 )
+# The one line is all the user sees: a NumPy warning on the way (printed with its source line
+# before the error) fails the test.
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_nan_is_reported_not_written_as_black(tiny_onnx_dir, tmp_path, capsys, monkeypatch, component, value, message):
     poison(monkeypatch, component, value, at_run=2 if component == "unet" else 1)
     code = generate(tiny_onnx_dir, tmp_path / "x.png", "--num-images", "2", "--steps", "3")

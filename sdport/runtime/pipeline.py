@@ -484,10 +484,14 @@ class Pipeline:
                 if callback is not None:
                     callback(step, total, latents)
 
+            # A UNet that gives NaN or inf is reported by on_step in one line; NumPy's own warnings
+            # about the guidance and scheduler arithmetic on those values would come first, with a
+            # source line each, so they are off for the loop.
             try:
-                return schedulers.denoise(
-                    name, config, model, x, steps, rng=noise_source, start_step=start_step, callback=on_step,
-                )
+                with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+                    return schedulers.denoise(
+                        name, config, model, x, steps, rng=noise_source, start_step=start_step, callback=on_step,
+                    )
             finally:
                 unet.release_device()
 
