@@ -45,7 +45,7 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise SdportError(f"{out} already exists; choose another OUT or pass --force to replace it")
-    write_tiny_model(out, seed=args.seed)
+    write_tiny_model(out, seed=args.seed, progress=not args.quiet)
     if args.single_file:
         from sdport.export.ldm_layout import write_single_file
         from sdport.export.tiny import build_tiny_pipeline

@@ -256,6 +256,13 @@ def test_graph_over_tolerance_is_not_written(tiny_diffusers_dir: Path, tmp_path:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_cli_tiny_quiet_prints_nothing(tmp_path: Path, capsys):
+    """--quiet: not even transformers' "Writing model shards" bar as the weights are saved."""
+    assert main(["tiny", str(tmp_path / "sd"), "-q"]) == 0
+    assert capsys.readouterr() == ("", "")
+    assert (tmp_path / "sd" / "model_index.json").is_file()
+
+
 def test_cli_tiny_then_export_shows_progress(tmp_path: Path, capsys):
     assert main(["tiny", str(tmp_path / "sd")]) == 0
     assert main(["export", str(tmp_path / "sd"), str(tmp_path / "onnx"), "--no-optimize"]) == 0

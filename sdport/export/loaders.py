@@ -103,7 +103,7 @@ def load_pipeline(
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise UsageError(f"unknown prediction type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
     path = Path(source).expanduser()
-    with _quiet(progress):
+    with quiet_libraries(progress):
         if path.is_dir():
             if config is not None:
                 raise UsageError(f"{path}: --config applies to single-file checkpoints, not to diffusers folders")
@@ -452,7 +452,7 @@ def _check_complete(path: Path, pipeline: Any, shapes: Mapping[str, tuple[int, .
 
 
 @contextlib.contextmanager
-def _quiet(progress: bool) -> Iterator[None]:
+def quiet_libraries(progress: bool) -> Iterator[None]:
     """With progress=False, silences diffusers', transformers' and the hub's bars and warnings."""
     if progress:
         yield

@@ -77,9 +77,13 @@ def build_tiny_pipeline(seed: int = 0):
     )
 
 
-def write_tiny_model(out: Path, seed: int = 0) -> Path:
-    """Writes the tiny pipeline as a diffusers folder (safetensors weights) at `out`."""
+def write_tiny_model(out: Path, seed: int = 0, progress: bool = True) -> Path:
+    """Writes the tiny pipeline as a diffusers folder (safetensors weights) at `out`; without
+    `progress`, transformers' "Writing model shards" bar is not shown."""
+    from sdport.export.loaders import quiet_libraries
+
     out = Path(out)
     pipeline = build_tiny_pipeline(seed)
-    pipeline.save_pretrained(out, safe_serialization=True)
+    with quiet_libraries(progress):
+        pipeline.save_pretrained(out, safe_serialization=True)
     return out
