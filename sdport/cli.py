@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = command("tiny", "write a tiny random SD 1.x pipeline (diffusers format) for tests and demos")
     tiny.add_argument("out", help="folder to create")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     tiny.add_argument("--single-file", metavar="PATH",
                       help="also write it as one .safetensors in the original (LDM) key layout")
     tiny.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--fp32-vae", action="store_true",
                         help="with --fp16: keep the VAE in fp32 (more GPU memory), for a VAE whose activations "
                              "overflow fp16 (generate reports that as an error)")
-    export.add_argument("--opset", type=int, default=17)
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
     export.add_argument("--no-optimize", action="store_true", help="keep the traced graphs as they are")
     export.add_argument("--portable", action="store_true",
                         help="standard ONNX operators only (onnxsim), no onnxruntime fusions")
@@ -170,15 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("model", help="exported model folder")
     generate.add_argument("prompt")
     generate.add_argument("--negative", default="", help="negative prompt")
-    generate.add_argument("--steps", type=int, default=25)
-    generate.add_argument("--guidance", type=float, default=7.5)
-    generate.add_argument("--scheduler", default=None, help="default: the folder's scheduler")
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--width", type=int, default=None, help="default: the model's native size")
-    generate.add_argument("--height", type=int, default=None)
-    generate.add_argument("--num-images", type=int, default=1)
+    generate.add_argument("--steps", type=int, default=25, help="denoising steps (default: %(default)s)")
+    generate.add_argument("--guidance", type=float, default=7.5,
+                          help="classifier-free guidance scale; 1 or less runs without it (default: %(default)s)")
+    generate.add_argument("--scheduler", default=None,
+                          help="e.g. euler_ancestral, dpmpp_2m_karras (an unknown name lists them all; "
+                               "default: the folder's scheduler)")
+    generate.add_argument("--seed", type=int, default=0,
+                          help="image i of a batch uses SEED + i, which its PNG records (default: %(default)s)")
+    generate.add_argument("--width", type=int, default=None, help="a multiple of 8 (default: the model's native size)")
+    generate.add_argument("--height", type=int, default=None, help="a multiple of 8 (default: the model's native size)")
+    generate.add_argument("--num-images", type=int, default=1, help="images in one batch (default: %(default)s)")
     generate.add_argument("--image", help="input image for image-to-image")
-    generate.add_argument("--strength", type=float, default=0.8)
+    generate.add_argument("--strength", type=float, default=0.8,
+                          help="image-to-image: how much of the input is noised away, 0-1 (default: %(default)s)")
     generate.add_argument("--provider", default="auto", help="auto, cpu, cuda or dml")
     generate.add_argument("--low-memory", action="store_true", help="load one component at a time")
     generate.add_argument("-o", "--out", default="sdport.png", help="output PNG (numbered for several)")
