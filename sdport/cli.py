@@ -182,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--height", type=int, default=None, help="a multiple of 8 (default: the model's native size)")
     generate.add_argument("--num-images", type=int, default=1, help="images in one batch (default: %(default)s)")
     generate.add_argument("--image", help="input image for image-to-image")
-    generate.add_argument("--strength", type=float, default=0.8,
-                          help="image-to-image: how much of the input is noised away, 0-1 (default: %(default)s)")
+    generate.add_argument("--strength", type=float, default=None,
+                          help="image-to-image: how much of the input is noised away, 0-1 (default: 0.8)")
     generate.add_argument("--provider", default="auto", help="auto, cpu, cuda or dml")
     generate.add_argument("--low-memory", action="store_true", help="load one component at a time")
     generate.add_argument("-o", "--out", default="sdport.png", help="output PNG (numbered for several)")

@@ -58,6 +58,17 @@ def test_image_to_image(tiny_onnx_dir, tmp_path):
         assert "Denoising strength: 0.5" in image.text["parameters"]
 
 
+def test_strength_without_image_is_named_and_ignored(tiny_onnx_dir, tmp_path, caplog):
+    assert generate(tiny_onnx_dir, "-q", "--strength", "0.3", "-o", str(tmp_path / "a.png")) == 0
+    assert "--strength applies to image-to-image only (with --image): ignored" in caplog.text
+    caplog.clear()
+    assert generate(tiny_onnx_dir, "-q", "-o", str(tmp_path / "b.png")) == 0
+    assert caplog.text == ""
+    with Image.open(tmp_path / "a.png") as a, Image.open(tmp_path / "b.png") as b:
+        assert a.text == b.text and "strength" not in a.text["parameters"]
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

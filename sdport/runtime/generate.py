@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 from typing import Callable
@@ -11,21 +12,25 @@ from sdport.errors import UsageError
 from sdport.runtime import images as imgs
 
 Say = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 def run_generate(args: argparse.Namespace, say: Say | None) -> int:
     """Runs the `generate` subcommand; `say` is None with --quiet (no progress bar, no summary)."""
     from sdport.models.manifest import read_manifest
-    from sdport.runtime.pipeline import Pipeline
+    from sdport.runtime.pipeline import DEFAULT_STRENGTH, Pipeline
     from sdport.runtime.request_checks import check_request, check_size
     from sdport.runtime.schedulers import resolve_request
     from sdport.runtime.sessions import resolve_provider
 
     # Cheap checks first: loading an SD-sized model takes seconds, a typo should not.
+    if args.strength is not None and args.image is None:
+        logger.warning("--strength applies to image-to-image only (with --image): ignored")
+    strength = DEFAULT_STRENGTH if args.strength is None else args.strength
     if args.num_images < 1:
         raise UsageError(f"--num-images must be at least 1, got {args.num_images}")
     check_request(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, guidance=args.guidance,
-                  seed=args.seed, num_images=args.num_images, strength=args.strength)
+                  seed=args.seed, num_images=args.num_images, strength=strength)
     if args.scheduler is not None:
         resolve_request(args.scheduler, {})  # an unknown name fails here, not after the load
     resolve_provider(args.provider)
@@ -64,7 +69,7 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
         scheduler=args.scheduler,
         num_images=args.num_images,
         image=image,
-        strength=args.strength,
+        strength=strength,
         callback=on_step,
         progress=say is not None,
     )
@@ -75,7 +80,7 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
             prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, sampler=scheduler,
             guidance=args.guidance, seed=args.seed + i, width=width, height=height,
             model=Path(args.model).resolve().name,
-            strength=args.strength if args.image else None,
+            strength=strength if args.image else None,
         )
         imgs.save_png(picture, path, text, overwrite=args.overwrite)
     finished = time.perf_counter()

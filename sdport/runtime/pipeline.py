@@ -33,6 +33,7 @@ from sdport.runtime.tokenizer import ClipTokenizer
 Output = Literal["pil", "np"]
 Callback = Callable[[int, int, np.ndarray], None]  # (step, steps, latents [B, C, h, w])
 Say = Callable[[str], None]
+DEFAULT_STRENGTH = 0.8  # image-to-image, as diffusers' img2img pipeline
 
 
 class NoiseSource(Protocol):
@@ -316,7 +317,7 @@ class Pipeline:
         num_images: int = 1,
         latents: np.ndarray | None = None,
         image: Image.Image | str | os.PathLike | None = None,
-        strength: float = 0.8,
+        strength: float = DEFAULT_STRENGTH,
         output: Output = "pil",
         callback: Callback | None = None,
         *,
