@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = command("generate", "generate images from an exported model folder (no PyTorch needed)")
     generate.add_argument("model", help="exported model folder")
-    generate.add_argument("prompt")
-    generate.add_argument("--negative", default="", help="negative prompt")
+    generate.add_argument("prompt", nargs="+", help="one or more prompts: --num-images images of each, in one batch")
+    generate.add_argument("--negative", default="", help="negative prompt, for every prompt")
     generate.add_argument("--steps", type=int, default=25, help="denoising steps (default: %(default)s)")
     generate.add_argument("--guidance", type=float, default=7.5,
                           help="classifier-free guidance scale; 1 or less runs without it (default: %(default)s)")
@@ -177,10 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="e.g. euler_ancestral, dpmpp_2m_karras (an unknown name lists them all; "
                                "default: the folder's scheduler)")
     generate.add_argument("--seed", type=int, default=0,
-                          help="image i of a batch uses SEED + i, which its PNG records (default: %(default)s)")
+                          help="image i of the batch uses SEED + i, which its PNG records (default: %(default)s)")
     generate.add_argument("--width", type=int, default=None, help="a multiple of 8 (default: the model's native size)")
     generate.add_argument("--height", type=int, default=None, help="a multiple of 8 (default: the model's native size)")
-    generate.add_argument("--num-images", type=int, default=1, help="images in one batch (default: %(default)s)")
+    generate.add_argument("--num-images", type=int, default=1, help="images of each prompt (default: %(default)s)")
     generate.add_argument("--image", help="input image for image-to-image")
     generate.add_argument("--strength", type=float, default=None,
                           help="image-to-image: how much of the input is noised away, 0-1 (default: 0.8)")

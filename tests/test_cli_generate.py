@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,19 @@ def test_generate_writes_pngs_with_parameters(tiny_onnx_dir, tmp_path, capsys):
     with Image.open(tmp_path / "fox-1.png") as a, Image.open(tmp_path / "six.png") as b:
         difference = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
     assert difference.max() <= 2 and difference.mean() < 0.01, (difference.max(), difference.mean())
+
+
+def test_several_prompts_make_one_batch_with_each_images_own_prompt_and_seed(tiny_onnx_dir, tmp_path):
+    out = tmp_path / "pair.png"
+    assert main(["generate", str(tiny_onnx_dir), "a red fox", "a blue bird", "--steps", "2", "--num-images", "2",
+                 "--seed", "3", "-q", "-o", str(out)]) == 0
+    recorded = []
+    for i in range(4):
+        with Image.open(tmp_path / f"pair-{i}.png") as image:
+            prompt, settings = image.text["parameters"].split("\n")
+            recorded.append((prompt, int(re.search(r"Seed: (\d+),", settings)[1])))
+    assert recorded == [("a red fox", 3), ("a red fox", 4), ("a blue bird", 5), ("a blue bird", 6)]
+    assert not (tmp_path / "pair-4.png").exists()
 
 
 def test_no_overwrite_without_flag(tiny_onnx_dir, tmp_path, capsys):

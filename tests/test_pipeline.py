@@ -9,6 +9,8 @@ are printed with `pytest -s`; about 1e-6 on this model).
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -140,6 +142,59 @@ def test_guidance_one_skips_the_unconditional_branch(pipe, reference, monkeypatc
     ours, theirs = run_both(pipe, reference, monkeypatch, "ddim", guidance=1.0)
     assert set(calls) == {1}, "guidance 1 must run the UNet on the positive prompt only"
     compare(ours, theirs, "txt2img guidance 1.0 ddim")
+
+
+@pytest.mark.parametrize("negatives", [[NEGATIVE, "dark, grainy"], NEGATIVE])
+def test_prompt_list_matches_diffusers(pipe, reference, negatives):
+    """A list of prompts with num_images each: diffusers' prompt list and num_images_per_prompt,
+    a negative prompt per prompt or one for all; image i of the call is image 0 of seed + i."""
+    reference_pipe, config = reference
+    use_scheduler(reference_pipe, config, "ddim")
+    prompts = [PROMPT, "a blue bird on a branch"]
+    latents = noise((4, 4, 8, 8), seed=5)[0]
+    # diffusers takes a negative prompt per prompt only (a string for a list is its TypeError)
+    each = negatives if isinstance(negatives, list) else [negatives] * len(prompts)
+    theirs = reference_pipe(
+        prompts, negative_prompt=each, num_inference_steps=STEPS, guidance_scale=7.5, width=64, height=64,
+        num_images_per_prompt=2, latents=torch.from_numpy(latents.copy()), output_type="np",
+    ).images
+    ours = pipe.generate(
+        prompts, negative_prompt=negatives, steps=STEPS, scheduler="ddim", num_images=2, latents=latents,
+        output="np", progress=False,
+    )
+    assert ours.shape == (4, 64, 64, 3)
+    compare(ours, theirs, "txt2img 2 prompts x 2 images, ddim")
+    assert np.abs(ours[1] - ours[2]).max() > 0.01  # the prompts differ, not only the noise
+
+    seeded = pipe.generate(prompts, negative_prompt=negatives, steps=2, seed=4, num_images=2, output="np", progress=False)
+    alone = pipe.generate(prompts[1], negative_prompt=each[1], steps=2, seed=7, output="np", progress=False)
+    np.testing.assert_allclose(seeded[3], alone[0], atol=1e-5)  # batch vs single kernels: rounding only
+
+
+@pytest.mark.parametrize(
+    ("prompt", "negative", "message"),
+    [
+        ([], "", "prompt is an empty list"),
+        (["a", 5], "", "prompt 1 must be a string, got int"),
+        (["a", "b"], ["x"], "negative_prompt is a list of 1 for 2 prompt(s)"),
+        ("a", ["x", "y"], "negative_prompt is a list of 2 for 1 prompt(s)"),
+        (["a"] * 33, "", "33 prompts x num_images 2 is too many for one batch: at most 64 images"),
+    ],
+)
+def test_prompt_list_refusals(pipe, prompt, negative, message):
+    from sdport.errors import UsageError
+
+    with pytest.raises(UsageError, match=re.escape(message)):
+        pipe.generate(prompt, negative_prompt=negative, num_images=2, steps=2, progress=False)
+
+
+def test_truncation_warning_names_the_prompt_as_the_caller_gave_it(pipe, caplog):
+    long = "word " * 80
+    with caplog.at_level(logging.WARNING, logger="sdport.runtime.tokenizer"):
+        pipe.generate(long, negative_prompt=long, steps=1, progress=False)
+        pipe.generate(["short", long], steps=1, progress=False)
+    named = [record.getMessage().split(" is ")[0] for record in caplog.records]
+    assert named == ["negative prompt", "prompt", "prompt 1"]
 
 
 def gradient_image(width: int, height: int) -> Image.Image:

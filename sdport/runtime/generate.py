@@ -18,8 +18,8 @@ logger = logging.getLogger(__name__)
 def run_generate(args: argparse.Namespace, say: Say | None) -> int:
     """Runs the `generate` subcommand; `say` is None with --quiet (no progress bar, no summary)."""
     from sdport.models.manifest import read_manifest
-    from sdport.runtime.pipeline import DEFAULT_STRENGTH, Pipeline
-    from sdport.runtime.request_checks import check_request, check_size
+    from sdport.runtime.pipeline import Pipeline
+    from sdport.runtime.request_checks import DEFAULT_STRENGTH, check_request, check_size
     from sdport.runtime.schedulers import resolve_request
     from sdport.runtime.sessions import resolve_provider
 
@@ -29,7 +29,8 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
     strength = DEFAULT_STRENGTH if args.strength is None else args.strength
     if args.num_images < 1:
         raise UsageError(f"--num-images must be at least 1, got {args.num_images}")
-    check_request(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, guidance=args.guidance,
+    prompts = args.prompt if isinstance(args.prompt, list) else [args.prompt]
+    check_request(prompt=prompts, negative_prompt=args.negative, steps=args.steps, guidance=args.guidance,
                   seed=args.seed, num_images=args.num_images, strength=strength)
     if args.scheduler is not None:
         resolve_request(args.scheduler, {})  # an unknown name fails here, not after the load
@@ -46,7 +47,7 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
     if args.width is not None or args.height is not None:
         size = manifest.default_image_size
         check_size(manifest, size if args.width is None else args.width, size if args.height is None else args.height)
-    paths = imgs.output_paths(args.out, args.num_images)
+    paths = imgs.output_paths(args.out, args.num_images * len(prompts))
     imgs.check_writable(paths, args.overwrite)  # before any work, not after the last step
 
     started = time.perf_counter()
@@ -59,7 +60,7 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
 
     generating = time.perf_counter()
     pictures = pipe.generate(
-        prompt=args.prompt,
+        prompt=prompts,
         negative_prompt=args.negative,
         steps=args.steps,
         guidance=args.guidance,
@@ -77,7 +78,7 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
     scheduler = args.scheduler or pipe.default_scheduler
     for i, (picture, path) in enumerate(zip(pictures, paths)):
         text = imgs.parameters_text(
-            prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, sampler=scheduler,
+            prompt=prompts[i // args.num_images], negative_prompt=args.negative, steps=args.steps, sampler=scheduler,
             guidance=args.guidance, seed=args.seed + i, width=width, height=height,
             model=Path(args.model).resolve().name,
             strength=strength if args.image else None,

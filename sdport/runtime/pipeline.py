@@ -13,7 +13,7 @@ import gc
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Protocol
+from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -26,14 +26,13 @@ from sdport.runtime import schedulers
 from sdport.runtime.checksums import verify_sha256
 from sdport.runtime.graph_files import check_graph_files
 from sdport.runtime.noise import BatchNoise, LookaheadNoise
-from sdport.runtime.request_checks import check_request, check_size
+from sdport.runtime.request_checks import DEFAULT_STRENGTH, check_request, check_size, prompt_batch, text_labels
 from sdport.runtime.sessions import Graph, Port, ProviderName, resolve_provider
 from sdport.runtime.tokenizer import ClipTokenizer
 
 Output = Literal["pil", "np"]
 Callback = Callable[[int, int, np.ndarray], None]  # (step, steps, latents [B, C, h, w])
 Say = Callable[[str], None]
-DEFAULT_STRENGTH = 0.8  # image-to-image, as diffusers' img2img pipeline
 
 
 class NoiseSource(Protocol):
@@ -306,8 +305,8 @@ class Pipeline:
 
     def generate(
         self,
-        prompt: str,
-        negative_prompt: str = "",
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = "",
         steps: int = 25,
         guidance: float = 7.5,
         width: int | None = None,
@@ -325,23 +324,27 @@ class Pipeline:
         rng: NoiseSource | None = None,
         progress: bool = True,
     ) -> list[Image.Image] | np.ndarray:
-        """Generates `num_images` images for `prompt` (text-to-image, or image-to-image with `image`).
+        """Generates `num_images` images for each prompt (text-to-image, or image-to-image with `image`).
 
         Args:
             prompt, negative_prompt: the texts; the negative one is the unconditional branch of
                 classifier-free guidance (an empty string, as in diffusers, when not given).
+                A list of prompts makes one batch of `num_images` images for each, in order
+                (diffusers' prompt list and num_images_per_prompt), with one negative prompt
+                for all or a list of one per prompt.
             steps: scheduler steps (image-to-image runs the last `int(steps * strength)` of them).
             guidance: classifier-free guidance scale; at 1 or below the unconditional branch is
                 skipped (one UNet batch of B instead of 2B), as in diffusers.
             width, height: pixels, multiples of `self.size_multiple`; default: the model's native
                 size, or with `image` its size rounded down to a multiple.
-            seed: image i uses the portable generator `PortableNoise(seed + i)` (docs/CONTRACT.md)
+            seed: image i of the call (prompt-major: the first prompt's images first) uses the
+                portable generator `PortableNoise(seed + i)` (docs/CONTRACT.md)
                 for all of its noise, so image i of a batch is reproduced alone with seed + i
                 (AUTOMATIC1111's convention), and by the Node.js and browser hosts.
             scheduler: a name from `schedulers.request_names()` ("euler", "dpmpp_2m", ..., and
                 "dpmpp_2m_karras" etc. for Karras sigmas); default: the folder's scheduler.
-            num_images: images per call (one batch).
-            latents: unit-variance starting noise [num_images, C, height/8, width/8] instead of
+            num_images: images per prompt; all of a call's images are one batch.
+            latents: unit-variance starting noise [images, C, height/8, width/8] instead of
                 the seeded draw (with `image`: the noise added to the encoded image).
             image, strength: image-to-image as diffusers' StableDiffusionImg2ImgPipeline: the
                 image is VAE-encoded, noised to step `steps - int(steps * strength)`, denoised.
@@ -350,7 +353,7 @@ class Pipeline:
             callback: called after every scheduler step as callback(i, total, latents), i from 0
                 to total - 1; total is the number of model evaluations left to run (heun: about
                 2 * steps; image-to-image: only the remaining ones).
-            image_noise: the VAE-sampling noise of image-to-image, [num_images or 1, C, h, w],
+            image_noise: the VAE-sampling noise of image-to-image, [images or 1, C, h, w],
                 instead of the seeded draw.
             rng: the noise source of stochastic schedulers instead of the seeded generators.
             progress: show a tqdm progress bar.
@@ -358,11 +361,11 @@ class Pipeline:
             UsageError for an invalid request; SdportError if a component produces NaN/inf.
         """
         m = self.manifest
-        if negative_prompt is None:
-            negative_prompt = ""
         check_request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                       seed=seed, num_images=num_images, strength=strength, image_to_image=image is not None)
-        steps, num_images, guidance = int(steps), int(num_images), float(guidance)
+        prompts, negatives = prompt_batch(prompt, negative_prompt)
+        steps, per_prompt, guidance = int(steps), int(num_images), float(guidance)
+        num_images = per_prompt * len(prompts)
         if output not in ("pil", "np"):
             raise UsageError(f"output must be 'pil' or 'np', got {output!r}")
         name, config = self._scheduler(scheduler)
@@ -402,23 +405,27 @@ class Pipeline:
         else:
             x = _given_noise("latents", latents, shape) if latents is not None else _draw(seeded, shape)
 
-        embeddings = self._embed(prompt, negative_prompt, num_images, guidance > 1)
+        embeddings = self._embed(prompts, negatives, per_prompt, guidance > 1)
         with contextlib.nullcontext(rng) if rng is not None else LookaheadNoise(seeded) as noise_source:
             x = self._denoise(name, config, x, steps, start_step, embeddings, guidance, noise_source, callback, progress)
         pixels_out = self._decode(x)
         result = imgs.postprocess(pixels_out)
         return result if output == "np" else imgs.to_pil(result)
 
-    def _embed(self, prompt: str, negative_prompt: str, count: int, guided: bool) -> np.ndarray:
-        """Text embeddings [2B, T, D] ([negative] * B + [prompt] * B, as diffusers stacks them) or [B, T, D]."""
-        texts = [negative_prompt, prompt] if guided else [prompt]
-        ids = self.tokenizer.encode(texts)
+    def _embed(self, prompts: list[str], negatives: list[str], count: int, guided: bool) -> np.ndarray:
+        """Text embeddings [2B, T, D], B = len(prompts) * count, as diffusers stacks them: each
+        negative prompt `count` times, then each prompt `count` times; without guidance [B, T, D]."""
+        texts = negatives + prompts if guided else prompts
+        labels = text_labels("prompt", len(prompts))
+        if guided:
+            labels = text_labels("negative prompt", len(negatives)) + labels
+        ids = self.tokenizer.encode(texts, labels=labels)
         with self._graph("text_encoder") as graph:
             hidden = graph.run({"input_ids": ids}, last=True)["last_hidden_state"]  # [len(texts), T, D]
         hidden = np.asarray(hidden, dtype=np.float32)
         if not np.isfinite(hidden).all():
             raise SdportError("text_encoder: output has NaN or inf; the graph is broken, re-export the model")
-        return np.repeat(hidden, count, axis=0)  # [neg x B; pos x B]
+        return np.repeat(hidden, count, axis=0)  # [neg_0 x count, neg_1 x count, ...; pos_0 x count, ...]
 
     def _encode_image(
         self, pixels: np.ndarray, shape: tuple[int, ...], image_noise: np.ndarray | None, seeded: BatchNoise,

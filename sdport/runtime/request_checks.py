@@ -31,6 +31,7 @@ MAX_SIDE = 8192
 # One call is one batch (2 x num_images through the UNet with guidance): past 64 the batch no
 # longer fits any GPU at SD sizes, and a million is a typo that would exhaust host memory first.
 MAX_IMAGES = 64
+DEFAULT_STRENGTH = 0.8  # image-to-image, as diffusers' img2img pipeline
 
 
 def check_size(manifest: Manifest, width: Any, height: Any) -> None:
@@ -64,20 +65,51 @@ def check_text(name: str, value: Any) -> str:
     return value
 
 
+def text_labels(name: str, count: int) -> list[str]:
+    """How messages name each of `count` texts: `name` alone for one, "name 0", "name 1", ... for more."""
+    return [name] if count == 1 else [f"{name} {i}" for i in range(count)]
+
+
+def _texts(name: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [check_text(name, value)]
+    if not isinstance(value, (list, tuple)):
+        raise UsageError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
+    if not value:
+        raise UsageError(f"{name} is an empty list; pass at least one text")
+    return [check_text(label, text) for label, text in zip(text_labels(name, len(value)), value)]
+
+
+def prompt_batch(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[str]]:
+    """The prompts of one call and a negative prompt for each, as diffusers pairs them: one prompt
+    or a list; one negative prompt for all (None: "") or a list as long as the prompts'."""
+    prompts = _texts("prompt", prompt)
+    negatives = _texts("negative_prompt", "" if negative_prompt is None else negative_prompt)
+    if len(negatives) == 1 and not isinstance(negative_prompt, (list, tuple)):
+        negatives = negatives * len(prompts)
+    if len(negatives) != len(prompts):
+        raise UsageError(
+            f"negative_prompt is a list of {len(negatives)} for {len(prompts)} prompt(s); pass one negative "
+            f"prompt for all, or one per prompt"
+        )
+    return prompts, negatives
+
+
 def check_request(
     *, prompt: Any, negative_prompt: Any, steps: Any, guidance: Any, seed: Any, num_images: Any,
-    strength: Any = 0.8, image_to_image: bool = True,
+    strength: Any = DEFAULT_STRENGTH, image_to_image: bool = True,
 ) -> None:
     """The checks of `generate` that need no model, so the CLI can make them before loading one.
 
-    `strength` is checked only for `image_to_image` (text-to-image ignores it).
+    `num_images` is per prompt; `strength` is checked only for `image_to_image` (text-to-image
+    ignores it).
     """
-    check_text("prompt", prompt)
-    check_text("negative_prompt", negative_prompt)
+    prompts, _ = prompt_batch(prompt, negative_prompt)
     _positive_int("steps", steps)
-    if _positive_int("num_images", num_images) > MAX_IMAGES:
+    if _positive_int("num_images", num_images) * len(prompts) > MAX_IMAGES:
+        many = f"num_images {num_images}" if len(prompts) == 1 else f"{len(prompts)} prompts x num_images {num_images}"
         raise UsageError(
-            f"num_images {num_images} is too many for one batch: at most {MAX_IMAGES}; generate more "
+            f"{many} is too many for one batch: at most {MAX_IMAGES} images; generate more "
             f"with further calls and other seeds"
         )
     _finite("guidance", guidance)

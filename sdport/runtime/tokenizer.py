@@ -109,12 +109,13 @@ class ClipTokenizer:
             )
         return cls(tokenizer, ids["bos_token"], ids["eos_token"], ids["pad_token"], length)
 
-    def encode(self, prompts: list[str]) -> np.ndarray:
+    def encode(self, prompts: list[str], labels: list[str] | None = None) -> np.ndarray:
         """Returns int64 ids [N, max_length]: start token, text, end token, then the pad id.
 
         Prompts longer than `max_length - 2` tokens are cut, keeping the end token, and a
         warning on the `sdport.runtime.tokenizer` logger says how many tokens, and which text,
-        were dropped (diffusers logs the same).
+        were dropped (diffusers logs the same); it names prompt i by `labels[i]` ("prompt i"
+        without labels).
         """
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise UsageError(f"prompts must be a list of strings, got {type(prompts).__name__}")
@@ -130,8 +131,8 @@ class ClipTokenizer:
             if dropped > 0:
                 start, end = encoding.offsets[room][0], encoding.offsets[-1][1]
                 logger.warning(
-                    "prompt %d is %d tokens, CLIP reads %d: dropped the last %d tokens: %r",
-                    i, len(encoding.ids), room, dropped, prompt[start:end],
+                    "%s is %d tokens, CLIP reads %d: dropped the last %d tokens: %r",
+                    labels[i] if labels else f"prompt {i}", len(encoding.ids), room, dropped, prompt[start:end],
                 )
         return ids
 
