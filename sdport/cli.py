@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "default: the folder's scheduler)")
     generate.add_argument("--seed", type=int, default=0,
                           help="image i of the batch uses SEED + i, which its PNG records (default: %(default)s)")
+    generate.add_argument("--noise", choices=["portable", "torch"], default="portable",
+                          help="the seeded noise: portable (the same image in every sdport host) or torch "
+                               "(torch's CPU generator: diffusers' image for generator=torch.manual_seed(SEED)) "
+                               "(default: %(default)s)")
     generate.add_argument("--width", type=int, default=None, help="a multiple of 8 (default: the model's native size)")
     generate.add_argument("--height", type=int, default=None, help="a multiple of 8 (default: the model's native size)")
     generate.add_argument("--num-images", type=int, default=1, help="images of each prompt (default: %(default)s)")

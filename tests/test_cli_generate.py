@@ -51,6 +51,22 @@ def test_several_prompts_make_one_batch_with_each_images_own_prompt_and_seed(tin
     assert not (tmp_path / "pair-4.png").exists()
 
 
+def test_torch_noise_is_the_apis_and_recorded(tiny_onnx_dir, tmp_path):
+    from sdport.runtime import Pipeline
+
+    out = tmp_path / "torch.png"
+    assert generate(tiny_onnx_dir, "-q", "--noise", "torch", "--seed", "4", "--scheduler", "euler_ancestral",
+                    "-o", str(out)) == 0
+    expected = Pipeline.load(tiny_onnx_dir).generate("a red fox", steps=2, seed=4, scheduler="euler_ancestral",
+                                                      noise="torch", progress=False)[0]
+    with Image.open(out) as image:
+        assert image.text["parameters"].endswith("Seed: 4, Size: 64x64, Model: onnx, Noise: torch, Software: sdport")
+        assert np.array_equal(np.asarray(image), np.asarray(expected))
+    assert generate(tiny_onnx_dir, "-q", "--seed", "4", "-o", str(tmp_path / "portable.png")) == 0
+    with Image.open(tmp_path / "portable.png") as image:
+        assert "Noise" not in image.text["parameters"]
+
+
 def test_no_overwrite_without_flag(tiny_onnx_dir, tmp_path, capsys):
     out = tmp_path / "fox.png"
     out.write_bytes(b"keep me")

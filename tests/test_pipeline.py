@@ -197,6 +197,70 @@ def test_truncation_warning_names_the_prompt_as_the_caller_gave_it(pipe, caplog)
     assert named == ["negative prompt", "prompt", "prompt 1"]
 
 
+# Seeded like diffusers (noise="torch"): schedulers that draw noise every step, and two that don't.
+SEEDED = {
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "ddpm": ("DDPMScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),  # draws a noise it does not use, every step
+}
+
+
+@pytest.mark.parametrize("name", list(SEEDED))
+def test_torch_noise_gives_diffusers_image_for_the_same_seed(pipe, reference, name):
+    """No noise handed over: diffusers with `generator=torch.Generator().manual_seed(seed)`, sdport
+    with seed and noise="torch" (its own NumPy twin of torch's CPU generator)."""
+    reference_pipe, config = reference
+    class_name, overrides = SEEDED[name]
+    reference_pipe.scheduler = getattr(diffusers, class_name).from_config(config, **overrides)
+    theirs = reference_pipe(
+        PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, width=64, height=64,
+        generator=torch.Generator().manual_seed(31), output_type="np",
+    ).images
+    ours = pipe.generate(
+        PROMPT, negative_prompt=NEGATIVE, steps=STEPS, scheduler=name, seed=31, noise="torch", output="np",
+        progress=False,
+    )
+    compare(ours, theirs, f"txt2img {name}, torch noise, seed 31")
+    portable = pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=STEPS, scheduler=name, seed=31, output="np",
+                             progress=False)
+    assert np.abs(portable - theirs).max() > 0.1  # the default noise is another
+
+
+def test_torch_noise_batch_and_image_to_image_match_diffusers_generator_lists(pipe, tiny_diffusers_dir, reference):
+    """Image i of a batch is diffusers' with generator i = torch.Generator().manual_seed(seed + i)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    reference_pipe, config = reference
+    reference_pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(config)
+    seeds = [torch.Generator().manual_seed(5 + i) for i in range(2)]
+    theirs = reference_pipe(
+        [PROMPT, "a blue bird"], num_inference_steps=STEPS, width=96, height=64, generator=seeds, output_type="np",
+    ).images
+    ours = pipe.generate([PROMPT, "a blue bird"], steps=STEPS, width=96, height=64, scheduler="euler_ancestral",
+                         seed=5, noise="torch", output="np", progress=False)
+    compare(ours, theirs, "txt2img 2 prompts, euler_ancestral, torch noise, seeds 5 and 6")
+
+    image_to_image = StableDiffusionImg2ImgPipeline(**reference_pipe.components)
+    image_to_image.set_progress_bar_config(disable=True)
+    image = gradient_image(64, 48)
+    seeds = [torch.Generator().manual_seed(8 + i) for i in range(2)]
+    theirs = image_to_image(PROMPT, image=image, strength=0.6, num_inference_steps=STEPS, num_images_per_prompt=2,
+                            generator=seeds, output_type="np").images
+    ours = pipe.generate(PROMPT, image=image, strength=0.6, steps=STEPS, num_images=2, scheduler="euler_ancestral",
+                         seed=8, noise="torch", output="np", progress=False)
+    compare(ours, theirs, "img2img 2 images, euler_ancestral, torch noise, seeds 8 and 9")
+
+
+def test_unknown_noise_is_refused(pipe):
+    from sdport.errors import UsageError
+
+    with pytest.raises(UsageError, match="noise must be one of portable, torch, got 'numpy'"):
+        pipe.generate(PROMPT, steps=1, noise="numpy", progress=False)
+
+
 def gradient_image(width: int, height: int) -> Image.Image:
     y, x = np.mgrid[0:height, 0:width]
     rgb = np.stack([x * 255 / (width - 1), y * 255 / (height - 1), (x + y) * 127 / (width + height)], axis=-1)

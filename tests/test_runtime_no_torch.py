@@ -48,6 +48,10 @@ SCRIPT = BLOCKER + textwrap.dedent(
     from sdport.cli import main
     status = main(["generate", str(model), "a red fox", "--steps", "2", "-o", str(out / "cli.png"), "-q"])
     assert status == 0, status
+    # torch's generator, reproduced without torch
+    status = main(["generate", str(model), "a red fox", "--steps", "2", "--noise", "torch", "-q",
+                   "--scheduler", "euler_ancestral", "-o", str(out / "torch-noise.png")])
+    assert status == 0, status
     assert not ATTEMPTS, f"blocked imports attempted: {ATTEMPTS}"
     print("ok")
     """
@@ -61,7 +65,7 @@ def test_runtime_and_cli_generate_without_torch(tiny_onnx_dir: Path, tmp_path: P
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
-    for name in ("api.png", "cli.png"):
+    for name in ("api.png", "cli.png", "torch-noise.png"):
         with Image.open(tmp_path / name) as image:
             assert image.size == (64, 64)
             assert image.text["parameters"].startswith("a red fox\n")

@@ -71,6 +71,7 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
         num_images=args.num_images,
         image=image,
         strength=strength,
+        noise=args.noise,
         callback=on_step,
         progress=say is not None,
     )
@@ -82,6 +83,7 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
             guidance=args.guidance, seed=args.seed + i, width=width, height=height,
             model=Path(args.model).resolve().name,
             strength=strength if args.image else None,
+            noise=args.noise if args.noise != "portable" else None,
         )
         imgs.save_png(picture, path, text, overwrite=args.overwrite)
     finished = time.perf_counter()

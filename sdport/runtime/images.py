@@ -99,9 +99,10 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
 
 def parameters_text(
     *, prompt: str, negative_prompt: str, steps: int, sampler: str, guidance: float, seed: int,
-    width: int, height: int, model: str, strength: float | None = None,
+    width: int, height: int, model: str, strength: float | None = None, noise: str | None = None,
 ) -> str:
-    """The generation settings as AUTOMATIC1111 writes them in a PNG's `parameters` chunk."""
+    """The generation settings as AUTOMATIC1111 writes them in a PNG's `parameters` chunk; `noise`
+    names a seeded generator other than the default (portable) one."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
@@ -111,6 +112,8 @@ def parameters_text(
     ]
     if strength is not None:
         fields.append(f"Denoising strength: {strength:g}")
+    if noise is not None:
+        fields.append(f"Noise: {noise}")
     fields.append("Software: sdport")
     lines.append(", ".join(fields))
     return "\n".join(lines)
