@@ -64,6 +64,8 @@ def diffusers_schedulers() -> dict | None:
         "euler": (diffusers.EulerDiscreteScheduler, {}),
         "euler_ancestral": (diffusers.EulerAncestralDiscreteScheduler, {}),
         "heun": (diffusers.HeunDiscreteScheduler, {}),
+        "dpm2": (diffusers.KDPM2DiscreteScheduler, {}),
+        "dpm2_ancestral": (diffusers.KDPM2AncestralDiscreteScheduler, {}),
         "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
         "dpmpp_2m_sde": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
         "unipc": (diffusers.UniPCMultistepScheduler, {}),

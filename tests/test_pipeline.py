@@ -39,10 +39,15 @@ SCHEDULERS = {
     "lms": ("LMSDiscreteScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "dpm2_ancestral": ("KDPM2AncestralDiscreteScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
 }
 # Modules whose `randn_tensor` draws the scheduler's own noise.
-STOCHASTIC = {"euler_ancestral": "diffusers.schedulers.scheduling_euler_ancestral_discrete"}
+STOCHASTIC = {
+    "euler_ancestral": "diffusers.schedulers.scheduling_euler_ancestral_discrete",
+    "dpm2_ancestral": "diffusers.schedulers.scheduling_k_dpm_2_ancestral_discrete",
+}
 
 
 class Replay:
@@ -200,6 +205,7 @@ def test_truncation_warning_names_the_prompt_as_the_caller_gave_it(pipe, caplog)
 # Seeded like diffusers (noise="torch"): schedulers that draw noise every step, and two that don't.
 SEEDED = {
     "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm2_ancestral": ("KDPM2AncestralDiscreteScheduler", {}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "ddpm": ("DDPMScheduler", {}),
     "lcm": ("LCMScheduler", {}),

@@ -21,6 +21,7 @@ from sdport.errors import UsageError
 from sdport.runtime.schedulers.ddim_ddpm import DDIM, DDPM
 from sdport.runtime.schedulers.dpm_solver import DPMPP_2M, DPMPP_2M_SDE
 from sdport.runtime.schedulers.k_samplers import EULER, EULER_ANCESTRAL, HEUN, LMS
+from sdport.runtime.schedulers.kdpm2 import KDPM2, KDPM2_ANCESTRAL
 from sdport.runtime.schedulers.lcm import LCM
 from sdport.runtime.schedulers.pndm import PNDM
 from sdport.runtime.schedulers.sampler import NoiseSource, Sampler
@@ -50,6 +51,8 @@ SAMPLERS: dict[str, Sampler] = {
     "euler": EULER,
     "euler_ancestral": EULER_ANCESTRAL,
     "heun": HEUN,
+    "dpm2": KDPM2,
+    "dpm2_ancestral": KDPM2_ANCESTRAL,
     "dpmpp_2m": DPMPP_2M,
     "dpmpp_2m_sde": DPMPP_2M_SDE,
     "unipc": UNIPC,
@@ -229,8 +232,8 @@ def denoise(
         latents: unit-variance noise, multiplied by the schedule's initial sigma here; when
             `start_step > 0`, latents already noised by `add_noise` and used as they are.
         steps: number of inference steps N.
-        rng: the only source of randomness, needed by ddpm, euler_ancestral, dpmpp_2m_sde and
-            lcm: `rng.standard_normal(latents.shape, dtype=np.float32)` is called once per
+        rng: the only source of randomness, needed by ddpm, euler_ancestral, dpm2_ancestral,
+            dpmpp_2m_sde and lcm: `rng.standard_normal(latents.shape, dtype=np.float32)` is called once per
             diffusers noise draw.
         start_step: image-to-image start, the index into the N-step schedule (diffusers'
             `t_start`); evaluations begin at `timesteps[start_step * order]`.

@@ -55,7 +55,7 @@ def _sigmas(cfg: Config, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return ts, S.append_zero(sigmas), ac
 
 
-def _init_sigma(cfg: Config, sigmas: np.ndarray) -> float:
+def init_sigma(cfg: Config, sigmas: np.ndarray) -> float:
     """sigma_max, or sqrt(sigma_max^2 + 1) for leading spacing (diffusers' convention)."""
     sigma_max = sigmas.max()
     if cfg["timestep_spacing"] == "leading":
@@ -66,7 +66,7 @@ def _init_sigma(cfg: Config, sigmas: np.ndarray) -> float:
 def _schedule(cfg: Config, steps: int) -> Schedule:
     """One model evaluation per sigma."""
     ts, sigmas, ac = _sigmas(cfg, steps)
-    return Schedule(ts, sigmas, _init_sigma(cfg, sigmas), 1, steps, ac, F32(1.0))
+    return Schedule(ts, sigmas, init_sigma(cfg, sigmas), 1, steps, ac, F32(1.0))
 
 
 def _heun_schedule(cfg: Config, steps: int) -> Schedule:
@@ -74,7 +74,7 @@ def _heun_schedule(cfg: Config, steps: int) -> Schedule:
     ts, sigmas, ac = _sigmas(cfg, steps)
     sigmas = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])
     ts = np.concatenate([ts[:1], np.repeat(ts[1:], 2)])
-    return Schedule(ts, sigmas, _init_sigma(cfg, sigmas), 2, steps, ac, F32(1.0))
+    return Schedule(ts, sigmas, init_sigma(cfg, sigmas), 2, steps, ac, F32(1.0))
 
 
 # --- steps ---------------------------------------------------------------------------------

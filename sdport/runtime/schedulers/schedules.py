@@ -219,13 +219,18 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
 
-def sigma_to_t(sigmas: np.ndarray, log_table: np.ndarray) -> np.ndarray:
-    """float64 fractional timesteps whose sigma is `sigmas`, interpolating log sigma."""
+def sigma_to_t(sigmas: np.ndarray, log_table: np.ndarray, float32: bool = False) -> np.ndarray:
+    """Fractional timesteps whose sigma is `sigmas`, interpolating log sigma: float64, or with
+    `float32` all in float32, as diffusers' KDPM2 classes compute it (on float32 tensors)."""
+    if float32:
+        sigmas, log_table = np.asarray(sigmas, dtype=F32), np.asarray(log_table, dtype=F32)
     log_sigma = np.log(np.maximum(sigmas, 1e-10))  # (n,)
     dists = log_sigma[None, :] - log_table[:, None]  # (T, n)
     low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_table) - 2)
     high = low + 1
     w = np.clip((log_table[low] - log_sigma) / (log_table[low] - log_table[high]), 0, 1)
+    if float32:
+        return (F32(1) - w) * low.astype(F32) + w * high.astype(F32)
     return (1 - w) * low + w * high
 
 
