@@ -69,6 +69,7 @@ def diffusers_schedulers() -> dict | None:
         "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
         "dpmpp_2m_sde": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
         "unipc": (diffusers.UniPCMultistepScheduler, {}),
+        "deis": (diffusers.DEISMultistepScheduler, {}),
         "lcm": (diffusers.LCMScheduler, {}),
     }
     return {name: cls.from_config({**SD15, **extra}) for name, (cls, extra) in classes.items()}

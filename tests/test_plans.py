@@ -135,6 +135,7 @@ CLASS_SPECIFIC = [
     ("dpmpp_2m_sde", {"solver_type": "heun"}),
     ("dpmpp_2m", {"lambda_min_clipped": -5.1}),
     ("unipc", {"solver_order": 3}),
+    ("deis", {"solver_order": 3}),
     ("unipc", {"disable_corrector": [0, 2]}),
     ("unipc", {"solver_type": "bh1"}),
     ("ddpm", {"variance_type": "fixed_large"}),

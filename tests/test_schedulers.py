@@ -26,6 +26,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
     DDIMScheduler,
     DDPMScheduler,
+    DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -51,8 +52,6 @@ from sdport.models.families import scheduler_config  # noqa: E402
 from sdport.runtime.schedulers import add_noise, available, denoise, name_for_config, schedule  # noqa: E402
 from sdport.runtime.schedulers.k_samplers import lms_coefficient  # noqa: E402
 
-# diffusers' np.array(tensor) calls trip NumPy 2's copy-keyword deprecation on every schedule.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 # Both sides round in float32, but not identically: torch's float32 sqrt (MKL) is not
 # correctly rounded (it differs from NumPy's in the last bit for ~17% of inputs), so sigma and
@@ -81,10 +80,11 @@ REFERENCE = {
     "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     "unipc": (UniPCMultistepScheduler, {}),
+    "deis": (DEISMultistepScheduler, {}),
     "lcm": (LCMScheduler, {}),
 }
 NAMES = tuple(REFERENCE)
-KARRAS = ("lms", "euler", "heun", "dpm2", "dpm2_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "unipc")  # diffusers offers Karras
+KARRAS = ("lms", "euler", "heun", "dpm2", "dpm2_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "deis")  # diffusers offers Karras
 STOCHASTIC = ("ddpm", "euler_ancestral", "dpm2_ancestral", "dpmpp_2m_sde", "lcm")
 NOISE_MODULES = (
     scheduling_ddpm, scheduling_euler_ancestral_discrete, scheduling_k_dpm_2_ancestral_discrete,
@@ -270,6 +270,9 @@ CLASS_SPECIFIC = [
     ("dpmpp_2m_sde", {"solver_type": "heun"}),
     ("dpmpp_2m", {"lambda_min_clipped": -5.1}),
     ("unipc", {"solver_order": 3}),
+    ("deis", {"solver_order": 3}),
+    ("deis", {"solver_order": 1}),
+    ("deis", {"solver_order": 3, "lower_order_final": False}),
     # Not here, because diffusers itself fails on them: dpmpp_2m Karras on squaredcos_cap_v2
     # (test_dpm_karras_cosine_schedule); unipc solver_order 3 with lower_order_final False (its
     # last step solves a singular system and raises); unipc bh1 (its last step computes
@@ -499,7 +502,7 @@ def test_name_for_config():
     assert name_for_config({"_class_name": "DPMSolverMultistepScheduler"}) == "dpmpp_2m"
     assert name_for_config({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}) == "dpmpp_2m_sde"
     assert name_for_config({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver"}) is None
-    assert name_for_config({"_class_name": "DEISMultistepScheduler"}) is None
+    assert name_for_config({"_class_name": "TCDScheduler"}) is None
     for name, (cls, fixed) in REFERENCE.items():
         assert name_for_config({"_class_name": cls.__name__, **fixed}) == name
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from sdport.errors import UsageError
 from sdport.runtime.schedulers.ddim_ddpm import DDIM, DDPM
+from sdport.runtime.schedulers.deis import DEIS
 from sdport.runtime.schedulers.dpm_solver import DPMPP_2M, DPMPP_2M_SDE
 from sdport.runtime.schedulers.k_samplers import EULER, EULER_ANCESTRAL, HEUN, LMS
 from sdport.runtime.schedulers.kdpm2 import KDPM2, KDPM2_ANCESTRAL
@@ -56,6 +57,7 @@ SAMPLERS: dict[str, Sampler] = {
     "dpmpp_2m": DPMPP_2M,
     "dpmpp_2m_sde": DPMPP_2M_SDE,
     "unipc": UNIPC,
+    "deis": DEIS,
     "lcm": LCM,
 }
 
@@ -165,7 +167,7 @@ def schedule(name: str, config: Mapping[str, Any], steps: int) -> Schedule:
 
     Returns:
         A `Schedule` of plain NumPy arrays and floats: `timesteps` has one entry per model
-        evaluation (N, N + 1 for pndm, 2N - 1 for heun), `sigmas` is None for ddim, ddpm, pndm
+        evaluation (N, N + 1 for pndm, 2N - 1 for heun and dpm2), `sigmas` is None for ddim, ddpm, pndm
         and lcm. For hosts in other languages that run the steps themselves.
     """
     return _setup(name, config, steps)[2]

@@ -27,8 +27,9 @@ class Schedule:
     """What a scheduler uses for one run of `steps` steps, as plain NumPy values.
 
     timesteps:         (S,) the value passed to the model at each evaluation, in order; S is
-                       `steps`, `steps + 1` (pndm) or `2 * steps - 1` (heun).
-    sigmas:            (S + 1,) float32 noise levels, last one 0, for sigma-based schedulers;
+                       `steps`, `steps + 1` (pndm) or `2 * steps - 1` (heun, dpm2, dpm2_ancestral).
+    sigmas:            (S + 1,) float32 noise levels, last one 0 (deis: sigma at t = 0), for
+                       sigma-based schedulers;
                        None for the alpha_bar-indexed ones (ddim, ddpm, pndm, lcm).
     init_noise_sigma:  the factor unit-variance latents are multiplied by before step 0.
     order:             model evaluations per step as diffusers counts them (2 for heun): the
