@@ -125,13 +125,9 @@ KDPM2 = Sampler(
     add_noise=add_noise_sigma,
 )
 
-KDPM2_ANCESTRAL = Sampler(
+KDPM2_ANCESTRAL = KDPM2._replace(
     class_name="KDPM2AncestralDiscreteScheduler",
-    defaults=_DEFAULTS,
-    allowed=_ALLOWED,
     schedule=lambda cfg, steps: _schedule(cfg, steps, ancestral=True),
-    scale_input=karras_input,
     step=kdpm2_ancestral_step,
-    add_noise=add_noise_sigma,
     stochastic=True,
 )
