@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="e.g. euler_ancestral, dpmpp_2m_karras (an unknown name lists them all; "
                                "default: the folder's scheduler)")
     generate.add_argument("--seed", type=int, default=0,
-                          help="image i of the batch uses SEED + i, which its PNG records (default: %(default)s)")
+                          help="image i of the batch uses SEED + i, which its PNG records; -1: a random one "
+                               "(default: %(default)s)")
     generate.add_argument("--noise", choices=["portable", "torch"], default="portable",
                           help="the seeded noise: portable (the same image in every sdport host) or torch "
                                "(torch's CPU generator: diffusers' image for generator=torch.manual_seed(SEED)) "

@@ -67,6 +67,19 @@ def test_torch_noise_is_the_apis_and_recorded(tiny_onnx_dir, tmp_path):
         assert "Noise" not in image.text["parameters"]
 
 
+def test_seed_minus_one_is_a_random_seed_said_and_recorded(tiny_onnx_dir, tmp_path, capsys):
+    seeds = []
+    for name in ("a.png", "b.png"):
+        assert generate(tiny_onnx_dir, "--seed", "-1", "-o", str(tmp_path / name)) == 0
+        said = re.search(r"seed: (\d+) \(random\)", capsys.readouterr().err)
+        with Image.open(tmp_path / name) as image:
+            assert f"Seed: {said[1]}," in image.text["parameters"]
+        seeds.append(int(said[1]))
+    assert seeds[0] != seeds[1]
+    assert generate(tiny_onnx_dir, "-q", "--seed", "-2", "-o", str(tmp_path / "c.png")) == EXIT_USAGE
+    assert "seed must be a non-negative integer, got -2" in capsys.readouterr().err
+
+
 def test_no_overwrite_without_flag(tiny_onnx_dir, tmp_path, capsys):
     out = tmp_path / "fox.png"
     out.write_bytes(b"keep me")

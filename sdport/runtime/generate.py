@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 import time
 from pathlib import Path
 from typing import Callable
@@ -13,6 +14,7 @@ from sdport.runtime import images as imgs
 
 Say = Callable[[str], None]
 logger = logging.getLogger(__name__)
+RANDOM_SEED = -1  # --seed -1: AUTOMATIC1111's "random"
 
 
 def run_generate(args: argparse.Namespace, say: Say | None) -> int:
@@ -30,8 +32,11 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
     if args.num_images < 1:
         raise UsageError(f"--num-images must be at least 1, got {args.num_images}")
     prompts = args.prompt if isinstance(args.prompt, list) else [args.prompt]
+    seed = secrets.randbelow(2**32) if args.seed == RANDOM_SEED else args.seed
+    if args.seed == RANDOM_SEED and say:
+        say(f"seed: {seed} (random)")
     check_request(prompt=prompts, negative_prompt=args.negative, steps=args.steps, guidance=args.guidance,
-                  seed=args.seed, num_images=args.num_images, strength=strength)
+                  seed=seed, num_images=args.num_images, strength=strength)
     if args.scheduler is not None:
         resolve_request(args.scheduler, {})  # an unknown name fails here, not after the load
     resolve_provider(args.provider)
@@ -66,7 +71,7 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
         guidance=args.guidance,
         width=args.width,
         height=args.height,
-        seed=args.seed,
+        seed=seed,
         scheduler=args.scheduler,
         num_images=args.num_images,
         image=image,
@@ -80,7 +85,7 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
     for i, (picture, path) in enumerate(zip(pictures, paths)):
         text = imgs.parameters_text(
             prompt=prompts[i // args.num_images], negative_prompt=args.negative, steps=args.steps, sampler=scheduler,
-            guidance=args.guidance, seed=args.seed + i, width=width, height=height,
+            guidance=args.guidance, seed=seed + i, width=width, height=height,
             model=Path(args.model).resolve().name,
             strength=strength if args.image else None,
             noise=args.noise if args.noise != "portable" else None,
