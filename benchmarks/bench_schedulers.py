@@ -68,6 +68,7 @@ def diffusers_schedulers() -> dict | None:
         "dpm2_ancestral": (diffusers.KDPM2AncestralDiscreteScheduler, {}),
         "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
         "dpmpp_2m_sde": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+        "dpmpp_2s": (diffusers.DPMSolverSinglestepScheduler, {}),
         "unipc": (diffusers.UniPCMultistepScheduler, {}),
         "deis": (diffusers.DEISMultistepScheduler, {}),
         "lcm": (diffusers.LCMScheduler, {}),

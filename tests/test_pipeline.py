@@ -39,6 +39,7 @@ SCHEDULERS = {
     "lms": ("LMSDiscreteScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "deis": ("DEISMultistepScheduler", {}),
+    "dpmpp_2s": ("DPMSolverSinglestepScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
     "dpm2": ("KDPM2DiscreteScheduler", {}),
     "dpm2_ancestral": ("KDPM2AncestralDiscreteScheduler", {}),

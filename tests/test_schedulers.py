@@ -28,6 +28,7 @@ from diffusers import (  # noqa: E402
     DDPMScheduler,
     DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
@@ -79,12 +80,13 @@ REFERENCE = {
     "dpm2_ancestral": (KDPM2AncestralDiscreteScheduler, {}),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpmpp_2s": (DPMSolverSinglestepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "unipc": (UniPCMultistepScheduler, {}),
     "deis": (DEISMultistepScheduler, {}),
     "lcm": (LCMScheduler, {}),
 }
 NAMES = tuple(REFERENCE)
-KARRAS = ("lms", "euler", "heun", "dpm2", "dpm2_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "deis")  # diffusers offers Karras
+KARRAS = ("lms", "euler", "heun", "dpm2", "dpm2_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2s", "unipc", "deis")  # diffusers offers Karras
 STOCHASTIC = ("ddpm", "euler_ancestral", "dpm2_ancestral", "dpmpp_2m_sde", "lcm")
 NOISE_MODULES = (
     scheduling_ddpm, scheduling_euler_ancestral_discrete, scheduling_k_dpm_2_ancestral_discrete,
@@ -269,6 +271,10 @@ CLASS_SPECIFIC = [
     ("dpmpp_2m", {"solver_type": "heun"}),
     ("dpmpp_2m_sde", {"solver_type": "heun"}),
     ("dpmpp_2m", {"lambda_min_clipped": -5.1}),
+    ("dpmpp_2s", {"lambda_min_clipped": -5.1}),
+    ("dpmpp_2s", {"solver_type": "heun"}),
+    ("dpmpp_2s", {"final_sigmas_type": "sigma_min", "lower_order_final": False}),
+    ("dpmpp_2s", {"final_sigmas_type": "sigma_min", "lower_order_final": True, "use_karras_sigmas": True}),
     ("unipc", {"solver_order": 3}),
     ("deis", {"solver_order": 3}),
     ("deis", {"solver_order": 1}),

@@ -20,6 +20,7 @@ import numpy as np
 from sdport.errors import UsageError
 from sdport.runtime.schedulers.ddim_ddpm import DDIM, DDPM
 from sdport.runtime.schedulers.deis import DEIS
+from sdport.runtime.schedulers.dpm_singlestep import DPMPP_2S
 from sdport.runtime.schedulers.dpm_solver import DPMPP_2M, DPMPP_2M_SDE
 from sdport.runtime.schedulers.k_samplers import EULER, EULER_ANCESTRAL, HEUN, LMS
 from sdport.runtime.schedulers.kdpm2 import KDPM2, KDPM2_ANCESTRAL
@@ -56,6 +57,7 @@ SAMPLERS: dict[str, Sampler] = {
     "dpm2_ancestral": KDPM2_ANCESTRAL,
     "dpmpp_2m": DPMPP_2M,
     "dpmpp_2m_sde": DPMPP_2M_SDE,
+    "dpmpp_2s": DPMPP_2S,
     "unipc": UNIPC,
     "deis": DEIS,
     "lcm": LCM,
@@ -101,6 +103,8 @@ def name_for_config(config: Mapping[str, Any]) -> str | None:
     "dpmpp_2m", "sde-dpmsolver++" to "dpmpp_2m_sde"; the older "dpmsolver" types to None.
     """
     class_name = config.get("_class_name")
+    if class_name == "DPMSolverSinglestepScheduler":
+        return "dpmpp_2s" if config.get("algorithm_type", "dpmsolver++") == "dpmsolver++" else None
     if class_name == "DPMSolverMultistepScheduler":
         algorithm = config.get("algorithm_type", "dpmsolver++")
         return {"dpmsolver++": "dpmpp_2m", "sde-dpmsolver++": "dpmpp_2m_sde"}.get(algorithm)

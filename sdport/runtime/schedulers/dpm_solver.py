@@ -100,10 +100,11 @@ def _schedule(cfg: Config, steps: int) -> Schedule:
     return Schedule(ts.astype(np.int64), sigmas, 1.0, 1, steps, ac, F32(1.0))
 
 
-def _update(cfg: Config, sch: Schedule, i: int, x: np.ndarray, d0: np.ndarray, d1: np.ndarray | None, z):
-    """x at sigmas[i + 1] from x at sigmas[i]; first order when d1 is None."""
-    alpha_t, sigma_t, lambda_t = vp_lambda(sch.sigmas[i + 1])
-    _, sigma_s, lambda_s = vp_lambda(sch.sigmas[i])
+def update(cfg: Config, sigma_from: np.float32, sigma_to: np.float32, x: np.ndarray, d0: np.ndarray,
+           d1: np.ndarray | None, z):
+    """x at sigma_to from x at sigma_from (noise levels); first order when d1 is None."""
+    alpha_t, sigma_t, lambda_t = vp_lambda(sigma_to)
+    _, sigma_s, lambda_s = vp_lambda(sigma_from)
     h = lambda_t - lambda_s
     heun = cfg["solver_type"] == "heun"
     with np.errstate(over="ignore", invalid="ignore"):
@@ -128,14 +129,14 @@ def _step(cfg: Config, sch: Schedule, i: int, out: np.ndarray, x: np.ndarray, st
     x0 = x0_from_vp(cfg["prediction_type"], out, x, sch.sigmas[i])
     last = i == len(sch.timesteps) - 1  # final_sigmas_type "zero": the last step is first order
     if state.lower_order_nums < 1 or last:
-        x_next = _update(cfg, sch, i, x, x0, None, z)
+        x_next = update(cfg, sch.sigmas[i], sch.sigmas[i + 1], x, x0, None, z)
     else:
         _, _, lambda_t = vp_lambda(sch.sigmas[i + 1])
         _, _, lambda_s0 = vp_lambda(sch.sigmas[i])
         _, _, lambda_s1 = vp_lambda(sch.sigmas[i - 1])
         r0 = (lambda_s0 - lambda_s1) / (lambda_t - lambda_s0)
         d1 = 1.0 / r0 * (x0 - state.x0_prev)
-        x_next = _update(cfg, sch, i, x, x0, d1, z)
+        x_next = update(cfg, sch.sigmas[i], sch.sigmas[i + 1], x, x0, d1, z)
     return x_next, MultistepState(x0, min(state.lower_order_nums + 1, 2))
 
 
