@@ -13,14 +13,10 @@ from sdport.runtime.schedulers.sampler import (
     identity_input,
     x0_from_alpha_bar,
 )
-from sdport.runtime.schedulers.schedules import F32, Config, Schedule
+from sdport.runtime.schedulers.schedules import F32, LINEAR_BETAS, Config, Schedule
 
 _COMMON = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "trained_betas": None,
+    **LINEAR_BETAS,
     "clip_sample": True,
     "clip_sample_range": 1.0,
     "prediction_type": "epsilon",

@@ -19,15 +19,11 @@ from typing import NamedTuple
 import numpy as np
 
 from sdport.runtime.schedulers import schedules as S
-from sdport.runtime.schedulers.sampler import Sampler, add_noise_vp, identity_input, vp_alpha_sigma, x0_from_vp
-from sdport.runtime.schedulers.schedules import F32, Config, Schedule
+from sdport.runtime.schedulers.sampler import Sampler, add_noise_vp, at_defaults, identity_input, vp_alpha_sigma, x0_from_vp
+from sdport.runtime.schedulers.schedules import F32, LINEAR_BETAS, Config, Schedule
 
 _DEFAULTS = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "trained_betas": None,
+    **LINEAR_BETAS,
     "solver_order": 2,
     "prediction_type": "epsilon",
     "algorithm_type": "deis",
@@ -49,11 +45,9 @@ _ALLOWED = {
     # diffusers maps DPM-Solver's and UniPC's algorithm and solver types to DEIS' own
     "algorithm_type": ("deis", "dpmsolver", "dpmsolver++"),
     "solver_type": ("logrho", "midpoint", "heun", "bh1", "bh2"),
-    "thresholding": (False,),
-    "use_exponential_sigmas": (False,),
-    "use_beta_sigmas": (False,),
-    "use_flow_sigmas": (False,),
-    "use_dynamic_shifting": (False,),
+    **at_defaults(
+        _DEFAULTS, "thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "use_dynamic_shifting"
+    ),
 }
 _LOWER_ORDER_FINAL_BELOW = 15  # steps: diffusers steps the order down at the end only below this
 

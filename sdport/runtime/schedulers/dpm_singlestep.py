@@ -17,15 +17,11 @@ import numpy as np
 
 from sdport.runtime.schedulers import schedules as S
 from sdport.runtime.schedulers.dpm_solver import multistep_sigmas, update
-from sdport.runtime.schedulers.sampler import Sampler, add_noise_vp, identity_input, vp_lambda, x0_from_vp
-from sdport.runtime.schedulers.schedules import F32, Config, Schedule
+from sdport.runtime.schedulers.sampler import Sampler, add_noise_vp, at_defaults, identity_input, vp_lambda, x0_from_vp
+from sdport.runtime.schedulers.schedules import F32, LINEAR_BETAS, Config, Schedule
 
 _DEFAULTS = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "trained_betas": None,
+    **LINEAR_BETAS,
     "prediction_type": "epsilon",
     "solver_type": "midpoint",
     "lower_order_final": False,
@@ -44,19 +40,17 @@ _ALLOWED = {
     "prediction_type": ("epsilon", "v_prediction", "sample"),
     "solver_type": ("midpoint", "heun"),
     "final_sigmas_type": ("zero", "sigma_min"),
-    "thresholding": (False,),
-    "use_exponential_sigmas": (False,),
-    "use_beta_sigmas": (False,),
-    "use_flow_sigmas": (False,),
-    "variance_type": (None,),
-    "use_dynamic_shifting": (False,),
+    **at_defaults(
+        _DEFAULTS, "thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "variance_type",
+        "use_dynamic_shifting",
+    ),
 }
 
 
 class SinglestepState(NamedTuple):
-    """The x0 predictions of this pair of steps (newest last) and the x the pair started from."""
+    """The last step's x0 prediction and the x the last first-order step started from."""
 
-    x0s: tuple[np.ndarray, ...] = ()
+    x0_prev: np.ndarray | None = None
     x_start: np.ndarray | None = None
 
 
@@ -87,16 +81,15 @@ def orders(steps: int, lower_order_final: bool, final_zero: bool) -> tuple[int, 
 def dpmpp_2s_step(cfg: Config, sch: Schedule, i: int, out: np.ndarray, x: np.ndarray, state: SinglestepState, rng: None):
     x0 = x0_from_vp(cfg["prediction_type"], out, x, sch.sigmas[i])
     order = orders(sch.steps, cfg["lower_order_final"], cfg["final_sigmas_type"] == "zero")[i]
-    if order == 1 or not state.x0s:  # image-to-image may start on a pair's second step
-        return update(cfg, sch.sigmas[i], sch.sigmas[i + 1], x, x0, None, None), SinglestepState((x0,), x)
-    x0_prev = state.x0s[-1]
+    if order == 1 or state.x0_prev is None:  # image-to-image may start on a pair's second step
+        return update(cfg, sch.sigmas[i], sch.sigmas[i + 1], x, x0, None, None), SinglestepState(x0, x)
     _, _, lambda_t = vp_lambda(sch.sigmas[i + 1])
     _, _, lambda_s0 = vp_lambda(sch.sigmas[i])
     _, _, lambda_s1 = vp_lambda(sch.sigmas[i - 1])
     r0 = (lambda_s0 - lambda_s1) / (lambda_t - lambda_s1)
-    d1 = (1.0 / r0) * (x0 - x0_prev)
-    x_next = update(cfg, sch.sigmas[i - 1], sch.sigmas[i + 1], state.x_start, x0_prev, d1, None)
-    return x_next, SinglestepState((*state.x0s, x0)[-2:], state.x_start)
+    d1 = (1.0 / r0) * (x0 - state.x0_prev)
+    x_next = update(cfg, sch.sigmas[i - 1], sch.sigmas[i + 1], state.x_start, state.x0_prev, d1, None)
+    return x_next, SinglestepState(x0, state.x_start)
 
 
 DPMPP_2S = Sampler(

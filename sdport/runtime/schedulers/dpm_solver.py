@@ -20,19 +20,16 @@ from sdport.runtime.schedulers import schedules as S
 from sdport.runtime.schedulers.sampler import (
     Sampler,
     add_noise_vp,
+    at_defaults,
     draw_noise,
     identity_input,
     vp_lambda,
     x0_from_vp,
 )
-from sdport.runtime.schedulers.schedules import F32, Config, Schedule
+from sdport.runtime.schedulers.schedules import F32, LINEAR_BETAS, Config, Schedule
 
 DEFAULTS = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "trained_betas": None,
+    **LINEAR_BETAS,
     "prediction_type": "epsilon",
     "solver_type": "midpoint",
     "use_karras_sigmas": False,
@@ -52,14 +49,10 @@ DEFAULTS = {
 }
 ALLOWED = {
     "prediction_type": ("epsilon", "v_prediction", "sample"),
-    "thresholding": (False,),
-    "use_exponential_sigmas": (False,),
-    "use_beta_sigmas": (False,),
-    "use_lu_lambdas": (False,),
-    "use_flow_sigmas": (False,),
-    "final_sigmas_type": ("zero",),
-    "variance_type": (None,),
-    "use_dynamic_shifting": (False,),
+    **at_defaults(
+        DEFAULTS, "thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
+        "final_sigmas_type", "variance_type", "use_dynamic_shifting",
+    ),
 }
 
 

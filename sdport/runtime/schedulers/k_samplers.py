@@ -19,14 +19,10 @@ from sdport.runtime.schedulers.sampler import (
     karras_input,
     x0_from_sigma,
 )
-from sdport.runtime.schedulers.schedules import F32, Config, Schedule
+from sdport.runtime.schedulers.schedules import F32, LINEAR_BETAS, Config, Schedule
 
 _COMMON = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "trained_betas": None,
+    **LINEAR_BETAS,
     "prediction_type": "epsilon",
     "timestep_spacing": "linspace",
     "steps_offset": 0,

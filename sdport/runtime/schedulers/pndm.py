@@ -14,7 +14,7 @@ import numpy as np
 
 from sdport.runtime.schedulers import schedules as S
 from sdport.runtime.schedulers.sampler import Sampler, add_noise_alpha_bar, identity_input
-from sdport.runtime.schedulers.schedules import Config, Schedule
+from sdport.runtime.schedulers.schedules import LINEAR_BETAS, Config, Schedule
 
 
 class PlmsState(NamedTuple):
@@ -75,11 +75,7 @@ def plms_step(cfg: Config, sch: Schedule, i: int, out: np.ndarray, x: np.ndarray
 PNDM = Sampler(
     class_name="PNDMScheduler",
     defaults={
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **LINEAR_BETAS,
         # diffusers' class default is False (Runge-Kutta warm-up); SD's configs all say True
         # and sdport implements only that, so an absent key means True here.
         "skip_prk_steps": True,

@@ -47,6 +47,11 @@ class Sampler(NamedTuple):
     stochastic: bool = False
 
 
+def at_defaults(defaults: Mapping[str, Any], *keys: str) -> dict[str, tuple[Any, ...]]:
+    """`Sampler.allowed` entries for config keys sdport implements only at the class's default."""
+    return {key: (defaults[key],) for key in keys}
+
+
 def draw_noise(rng: NoiseSource | None, shape: tuple[int, ...]) -> np.ndarray:
     """One float32 standard-normal draw, where diffusers calls `randn_tensor`."""
     if rng is None:

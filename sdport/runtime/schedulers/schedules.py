@@ -21,6 +21,16 @@ Config = Mapping[str, Any]
 
 F32 = np.float32
 
+# diffusers' default noise schedule: the constructor defaults of most scheduler classes (KDPM2's
+# differ), which a config without these keys runs with.
+LINEAR_BETAS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+}
+
 
 @dataclass(frozen=True)
 class Schedule:

@@ -16,8 +16,8 @@ from typing import NamedTuple
 import numpy as np
 
 from sdport.runtime.schedulers.dpm_solver import multistep_sigmas
-from sdport.runtime.schedulers.sampler import Sampler, add_noise_vp, identity_input, vp_lambda, x0_from_vp
-from sdport.runtime.schedulers.schedules import F32, Config, Schedule, alphas_cumprod_for_sigmas
+from sdport.runtime.schedulers.sampler import Sampler, add_noise_vp, at_defaults, identity_input, vp_lambda, x0_from_vp
+from sdport.runtime.schedulers.schedules import F32, LINEAR_BETAS, Config, Schedule, alphas_cumprod_for_sigmas
 
 
 class UniPCState(NamedTuple):
@@ -112,44 +112,40 @@ def unipc_step(cfg: Config, sch: Schedule, i: int, out: np.ndarray, x: np.ndarra
     return x_next, UniPCState(x0s, x, min(state.lower_order_nums + 1, solver_order), order)
 
 
+_DEFAULTS = {
+    **LINEAR_BETAS,
+    "solver_order": 2,
+    "prediction_type": "epsilon",
+    "solver_type": "bh2",
+    "lower_order_final": True,
+    "disable_corrector": [],
+    "use_karras_sigmas": False,
+    "sigma_min": None,
+    "sigma_max": None,
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
+    "rescale_betas_zero_snr": False,
+    # implemented only at their defaults:
+    "predict_x0": True,
+    "thresholding": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "use_flow_sigmas": False,
+    "final_sigmas_type": "zero",
+    "use_dynamic_shifting": False,
+}
+
+
 UNIPC = Sampler(
     class_name="UniPCMultistepScheduler",
-    defaults={
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
-        "solver_order": 2,
-        "prediction_type": "epsilon",
-        "solver_type": "bh2",
-        "lower_order_final": True,
-        "disable_corrector": [],
-        "use_karras_sigmas": False,
-        "sigma_min": None,
-        "sigma_max": None,
-        "timestep_spacing": "linspace",
-        "steps_offset": 0,
-        "rescale_betas_zero_snr": False,
-        # implemented only at their defaults:
-        "predict_x0": True,
-        "thresholding": False,
-        "use_exponential_sigmas": False,
-        "use_beta_sigmas": False,
-        "use_flow_sigmas": False,
-        "final_sigmas_type": "zero",
-        "use_dynamic_shifting": False,
-    },
+    defaults=_DEFAULTS,
     allowed={
         "prediction_type": ("epsilon", "v_prediction", "sample"),
         "solver_type": ("bh1", "bh2", "midpoint", "heun", "logrho"),
-        "predict_x0": (True,),
-        "thresholding": (False,),
-        "use_exponential_sigmas": (False,),
-        "use_beta_sigmas": (False,),
-        "use_flow_sigmas": (False,),
-        "final_sigmas_type": ("zero",),
-        "use_dynamic_shifting": (False,),
+        **at_defaults(
+            _DEFAULTS, "predict_x0", "thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas",
+            "final_sigmas_type", "use_dynamic_shifting",
+        ),
     },
     schedule=_schedule,
     scale_input=identity_input,
