@@ -183,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the seeded noise: portable (the same image in every sdport host) or torch "
                                "(torch's CPU generator: diffusers' image for generator=torch.manual_seed(SEED)) "
                                "(default: %(default)s)")
-    generate.add_argument("--width", type=int, default=None, help="a multiple of 8 (default: the model's native size)")
-    generate.add_argument("--height", type=int, default=None, help="a multiple of 8 (default: the model's native size)")
+    size_help = "pixels, a multiple of 8 times the UNet's down-sampling (SD 1.x/2.x: 64; default: the model's native size)"
+    generate.add_argument("--width", type=int, default=None, help=size_help)
+    generate.add_argument("--height", type=int, default=None, help=size_help)
     generate.add_argument("--num-images", type=int, default=1, help="images of each prompt (default: %(default)s)")
     generate.add_argument("--image", help="input image for image-to-image")
     generate.add_argument("--strength", type=float, default=None,

@@ -26,10 +26,10 @@ from sdport.runtime import schedulers
 from sdport.runtime.checksums import verify_sha256
 from sdport.runtime.graph_files import check_graph_files
 from sdport.runtime.noise import BatchNoise, LookaheadNoise
-from sdport.runtime.torch_noise import TorchBatchNoise
 from sdport.runtime.request_checks import DEFAULT_STRENGTH, check_request, check_size, prompt_batch, text_labels
 from sdport.runtime.sessions import Graph, Port, ProviderName, resolve_provider
 from sdport.runtime.tokenizer import ClipTokenizer
+from sdport.runtime.torch_noise import TorchBatchNoise
 
 Output = Literal["pil", "np"]
 NoiseKind = Literal["portable", "torch"]
@@ -341,10 +341,10 @@ class Pipeline:
                 skipped (one UNet batch of B instead of 2B), as in diffusers.
             width, height: pixels, multiples of `self.size_multiple`; default: the model's native
                 size, or with `image` its size rounded down to a multiple.
-            seed: image i of the call (prompt-major: the first prompt's images first) uses the
-                portable generator `PortableNoise(seed + i)` (docs/CONTRACT.md)
-                for all of its noise, so image i of a batch is reproduced alone with seed + i
-                (AUTOMATIC1111's convention), and by the Node.js and browser hosts.
+            seed: image i of the call (prompt-major: the first prompt's images first) draws all of
+                its noise from its own generator seeded with seed + i (`noise`), so image i of a
+                batch is reproduced alone with seed + i (AUTOMATIC1111's convention); portable
+                noise also by the Node.js and browser hosts (docs/CONTRACT.md).
             scheduler: a name from `schedulers.request_names()` ("euler", "dpmpp_2m", ..., and
                 "dpmpp_2m_karras" etc. for Karras sigmas); default: the folder's scheduler.
             num_images: images per prompt; all of a call's images are one batch.
@@ -375,6 +375,8 @@ class Pipeline:
         num_images = per_prompt * len(prompts)
         if output not in ("pil", "np"):
             raise UsageError(f"output must be 'pil' or 'np', got {output!r}")
+        if noise not in NOISE_KINDS:
+            raise UsageError(f"noise must be one of {', '.join(NOISE_KINDS)}, got {noise!r}")
         name, config = self._scheduler(scheduler)
         schedulers.schedule(name, config, steps)  # refuses steps > num_train_timesteps before any work
 
@@ -393,8 +395,6 @@ class Pipeline:
         height = m.default_image_size if height is None else height
         check_size(m, width, height)
         shape = (num_images, m.latent_channels, height // m.vae_scale, width // m.vae_scale)
-        if noise not in NOISE_KINDS:
-            raise UsageError(f"noise must be one of {', '.join(NOISE_KINDS)}, got {noise!r}")
         seeded = BatchNoise(seed, num_images) if noise == "portable" else TorchBatchNoise(seed, num_images)
 
         start_step = 0
