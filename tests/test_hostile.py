@@ -256,7 +256,7 @@ def test_tokenizer_that_is_not_clip(model, tmp_path, capsys):
         (["--strength", "1.5"], "strength must be in [0, 1], got 1.5"),
         (["--strength=-0.1"], "strength must be in [0, 1]"),
         (["--strength", "nan"], "strength must be a finite number"),
-        (["--seed", "-1"], "seed must be a non-negative integer"),
+        (["--seed", "-2"], "seed must be a non-negative integer, got -2"),
         (["--num-images", "0"], "--num-images must be at least 1"),
         (["--provider", "cuda "], "unknown provider 'cuda '; choose auto, cuda, dml, cpu"),
         (["--scheduler", "Euler"], "unknown scheduler 'Euler'; choose one of: ddim,"),
