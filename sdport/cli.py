@@ -173,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--steps", type=int, default=25, help="denoising steps (default: %(default)s)")
     generate.add_argument("--guidance", type=float, default=7.5,
                           help="classifier-free guidance scale; 1 or less runs without it (default: %(default)s)")
+    generate.add_argument("--guidance-rescale", type=float, default=0.0,
+                          help="0-1: the guided prediction pulled toward the text prediction's spread, for "
+                               "v-prediction models that over-expose (diffusers' guidance_rescale; default: %(default)s)")
+    generate.add_argument("--eta", type=float, default=0.0,
+                          help="ddim only: 0 is deterministic, 1 adds DDPM's noise (default: %(default)s)")
     generate.add_argument("--scheduler", default=None,
                           help="e.g. euler_ancestral, dpmpp_2m_karras (an unknown name lists them all; "
                                "default: the folder's scheduler)")

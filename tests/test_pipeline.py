@@ -262,6 +262,40 @@ def test_torch_noise_batch_and_image_to_image_match_diffusers_generator_lists(pi
     compare(ours, theirs, "img2img 2 images, euler_ancestral, torch noise, seeds 8 and 9")
 
 
+def test_eta_and_guidance_rescale_match_diffusers(pipe, reference):
+    """DDIM's eta (noise drawn every step) and guidance_rescale, seeded like diffusers."""
+    reference_pipe, config = reference
+    for name, class_name, settings in [
+        ("ddim", "DDIMScheduler", {"eta": 0.6}),
+        ("euler", "EulerDiscreteScheduler", {"guidance_rescale": 0.7}),
+    ]:
+        reference_pipe.scheduler = getattr(diffusers, class_name).from_config(config)
+        theirs = reference_pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, output_type="np",
+                                generator=torch.Generator().manual_seed(3), **settings).images
+        ours = pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=STEPS, scheduler=name, seed=3, noise="torch",
+                             output="np", progress=False, **settings)
+        compare(ours, theirs, f"txt2img {name} {settings}")
+        plain = pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=STEPS, scheduler=name, seed=3, noise="torch",
+                              output="np", progress=False)
+        assert np.abs(plain - theirs).max() > 2 * ATOL  # the setting is what made them equal
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"eta": 0.5, "scheduler": "euler"}, "eta applies to the ddim scheduler only, not to 'euler'"),
+        ({"eta": -0.1, "scheduler": "ddim"}, "eta must be 0 or more, got -0.1"),
+        ({"guidance_rescale": 1.5}, "guidance_rescale must be in [0, 1], got 1.5"),
+        ({"guidance_rescale": float("nan")}, "guidance_rescale must be a finite number, got nan"),
+    ],
+)
+def test_eta_and_guidance_rescale_refusals(pipe, settings, message):
+    from sdport.errors import UsageError
+
+    with pytest.raises(UsageError, match=re.escape(message)):
+        pipe.generate(PROMPT, steps=2, progress=False, **settings)
+
+
 def test_unknown_noise_is_refused(pipe):
     from sdport.errors import UsageError
 

@@ -24,7 +24,7 @@ from sdport.runtime.plans import (
     write_folder_plans,
 )
 from sdport.models.families import scheduler_config
-from sdport.runtime.schedulers import SAMPLERS, available, denoise, schedule
+from sdport.runtime.schedulers import SAMPLERS, available, denoise, schedule, with_eta
 
 SD15 = scheduler_config("sd1")  # the v1-5 scheduler config sdport ships
 KARRAS = tuple(n for n in available() if "use_karras_sigmas" in SAMPLERS[n].defaults)
@@ -174,6 +174,15 @@ def test_plan_shape():
     assert [ev["noise"] is not None for ev in lcm["evaluations"]] == [True, True, True, False]
     sde = sampling_plan("dpmpp_2m_sde", SD15, 4)
     assert sde["evaluations"][-1]["noise"] == 0.0  # drawn (the stream advances) but scaled by 0
+
+
+def test_ddim_eta_plan_draws_noise():
+    """DDIM with eta > 0 draws noise every step: a stochastic plan, equal to denoise with it."""
+    config = with_eta("ddim", SD15, 0.5)
+    plan = sampling_plan("ddim", config, 8)
+    assert plan["stochastic"] is True and all(ev["noise"] for ev in plan["evaluations"])
+    assert sampling_plan("ddim", SD15, 8)["stochastic"] is False
+    assert_plan_matches("ddim", config, 8, ATOL)
 
 
 @pytest.mark.parametrize("name", ["ddim", "ddpm", "heun", "lcm"])

@@ -39,6 +39,7 @@ from diffusers import (  # noqa: E402
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers import (  # noqa: E402
+    scheduling_ddim,
     scheduling_ddpm,
     scheduling_dpmsolver_multistep,
     scheduling_euler_ancestral_discrete,
@@ -50,7 +51,7 @@ from diffusers import LMSDiscreteScheduler  # noqa: E402  (needs scipy, in the t
 
 from sdport.errors import UsageError  # noqa: E402
 from sdport.models.families import scheduler_config  # noqa: E402
-from sdport.runtime.schedulers import add_noise, available, denoise, name_for_config, schedule  # noqa: E402
+from sdport.runtime.schedulers import add_noise, available, denoise, name_for_config, schedule, with_eta  # noqa: E402
 from sdport.runtime.schedulers.k_samplers import lms_coefficient  # noqa: E402
 
 
@@ -89,6 +90,7 @@ NAMES = tuple(REFERENCE)
 KARRAS = ("lms", "euler", "heun", "dpm2", "dpm2_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2s", "unipc", "deis")  # diffusers offers Karras
 STOCHASTIC = ("ddpm", "euler_ancestral", "dpm2_ancestral", "dpmpp_2m_sde", "lcm")
 NOISE_MODULES = (
+    scheduling_ddim,  # with eta > 0
     scheduling_ddpm, scheduling_euler_ancestral_discrete, scheduling_k_dpm_2_ancestral_discrete,
     scheduling_dpmsolver_multistep, scheduling_lcm,
 )
@@ -295,6 +297,24 @@ CLASS_SPECIFIC = [
 @pytest.mark.parametrize("steps", (4, 15))
 def test_class_specific_keys(name, extra, steps):
     assert_parity(name, {**SD15, **extra}, steps)
+
+
+@pytest.mark.parametrize("eta", (0.3, 1.0))
+@pytest.mark.parametrize("prediction", ("epsilon", "v_prediction"))
+def test_ddim_eta_matches_diffusers(eta, prediction):
+    """DDIM's eta, which diffusers takes in step(): a noise draw every step, deviation eta sigma_t."""
+    config = {**SD15, "prediction_type": prediction}
+    sched = reference_scheduler("ddim", config)
+    sched.set_timesteps(12)
+    x = torch.from_numpy(start_noise())
+    with diffusers_noise(4) as draws:
+        for t in sched.timesteps:
+            x = sched.step(torch.from_numpy(model_fn(x.numpy(), float(t))), t, x, eta=eta).prev_sample
+    rng = TapeRng(4)
+    ours = denoise("ddim", with_eta("ddim", config, eta), model_fn, start_noise(), 12, rng=rng)
+    assert len(rng.calls) == len(draws) == 12
+    assert_close(ours, x.numpy())
+    assert np.abs(ours - denoise("ddim", config, model_fn, start_noise(), 12)).max() > 0.01
 
 
 def test_dpm_karras_cosine_schedule():

@@ -22,7 +22,7 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
     from sdport.models.manifest import read_manifest
     from sdport.runtime.pipeline import Pipeline
     from sdport.runtime.request_checks import DEFAULT_STRENGTH, check_request, check_size
-    from sdport.runtime.schedulers import resolve_request
+    from sdport.runtime.schedulers import resolve_request, with_eta
     from sdport.runtime.sessions import resolve_provider
 
     # Cheap checks first: loading an SD-sized model takes seconds, a typo should not.
@@ -36,9 +36,10 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
     if args.seed == RANDOM_SEED and say:
         say(f"seed: {seed} (random)")
     check_request(prompt=prompts, negative_prompt=args.negative, steps=args.steps, guidance=args.guidance,
-                  seed=seed, num_images=args.num_images, strength=strength)
-    if args.scheduler is not None:
-        resolve_request(args.scheduler, {})  # an unknown name fails here, not after the load
+                  seed=seed, num_images=args.num_images, strength=strength, eta=args.eta,
+                  guidance_rescale=args.guidance_rescale)
+    if args.scheduler is not None:  # an unknown name, or eta for one without, fails here, not after the load
+        with_eta(resolve_request(args.scheduler, {})[0], {}, args.eta)
     resolve_provider(args.provider)
     image = None
     if args.image is not None:
@@ -77,6 +78,8 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
         image=image,
         strength=strength,
         noise=args.noise,
+        eta=args.eta,
+        guidance_rescale=args.guidance_rescale,
         callback=on_step,
         progress=say is not None,
     )
@@ -89,6 +92,7 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
             model=Path(args.model).resolve().name,
             strength=strength if args.image else None,
             noise=args.noise if args.noise != "portable" else None,
+            eta=args.eta, guidance_rescale=args.guidance_rescale,
         )
         imgs.save_png(picture, path, text, overwrite=args.overwrite)
     finished = time.perf_counter()

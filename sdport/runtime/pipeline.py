@@ -125,6 +125,14 @@ def _tokenizer_dir(folder: Path, relative: str) -> Path:
 # --- randomness ------------------------------------------------------------------------------
 
 
+def _rescaled(guided: np.ndarray, text: np.ndarray, factor: float) -> np.ndarray:
+    """diffusers' rescale_noise_cfg: `guided` scaled to the text prediction's standard deviation
+    (per image, unbiased as torch's std), mixed in by `factor`."""
+    axes = tuple(range(1, guided.ndim))
+    rescaled = guided * (text.std(axis=axes, ddof=1, keepdims=True) / guided.std(axis=axes, ddof=1, keepdims=True))
+    return np.float32(factor) * rescaled + np.float32(1 - factor) * guided
+
+
 def _draw(rng: NoiseSource, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(rng.standard_normal(shape, dtype=np.float32), dtype=np.float32)
 
@@ -326,6 +334,8 @@ class Pipeline:
         image_noise: np.ndarray | None = None,
         rng: NoiseSource | None = None,
         noise: NoiseKind = "portable",
+        eta: float = 0.0,
+        guidance_rescale: float = 0.0,
         progress: bool = True,
     ) -> list[Image.Image] | np.ndarray:
         """Generates `num_images` images for each prompt (text-to-image, or image-to-image with `image`).
@@ -363,13 +373,19 @@ class Pipeline:
             noise: the seeded generators: "portable" (PortableNoise, every sdport host makes the
                 same image) or "torch" (torch's CPU generator, TorchCPUNoise: the image diffusers
                 makes with `generator=torch.Generator().manual_seed(seed + i)` for image i).
+            eta: DDIM's eta (ddim only, as diffusers' pipeline passes it to DDIMScheduler.step):
+                0 is deterministic DDIM, 1 has DDPM's noise level.
+            guidance_rescale: diffusers' guidance_rescale (Lin et al. 2023, 3.4), 0 to 1: the
+                guided prediction pulled toward the text prediction's standard deviation, which
+                keeps zero-terminal-SNR (v-prediction) models from over-exposing at high guidance.
             progress: show a tqdm progress bar.
         Raises:
             UsageError for an invalid request; SdportError if a component produces NaN/inf.
         """
         m = self.manifest
         check_request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
-                      seed=seed, num_images=num_images, strength=strength, image_to_image=image is not None)
+                      seed=seed, num_images=num_images, strength=strength, image_to_image=image is not None,
+                      eta=eta, guidance_rescale=guidance_rescale)
         prompts, negatives = prompt_batch(prompt, negative_prompt)
         steps, per_prompt, guidance = int(steps), int(num_images), float(guidance)
         num_images = per_prompt * len(prompts)
@@ -378,6 +394,7 @@ class Pipeline:
         if noise not in NOISE_KINDS:
             raise UsageError(f"noise must be one of {', '.join(NOISE_KINDS)}, got {noise!r}")
         name, config = self._scheduler(scheduler)
+        config = schedulers.with_eta(name, config, float(eta))
         schedulers.schedule(name, config, steps)  # refuses steps > num_train_timesteps before any work
 
         source = None
@@ -425,7 +442,10 @@ class Pipeline:
         else:
             step_noise = contextlib.nullcontext(seeded)
         with step_noise as noise_source:
-            x = self._denoise(name, config, x, steps, start_step, embeddings, guidance, noise_source, callback, progress)
+            x = self._denoise(
+                name, config, x, steps, start_step, embeddings, guidance, float(guidance_rescale), noise_source,
+                callback, progress,
+            )
         pixels_out = self._decode(x)
         result = imgs.postprocess(pixels_out)
         return result if output == "np" else imgs.to_pil(result)
@@ -466,8 +486,8 @@ class Pipeline:
 
     def _denoise(
         self, name: str, config: dict[str, Any], x: np.ndarray, steps: int, start_step: int,
-        embeddings: np.ndarray, guidance: float, noise_source: NoiseSource, callback: Callback | None,
-        progress: bool,
+        embeddings: np.ndarray, guidance: float, guidance_rescale: float, noise_source: NoiseSource,
+        callback: Callback | None, progress: bool,
     ) -> np.ndarray:
         count = x.shape[0]
         guided = embeddings.shape[0] == 2 * count
@@ -490,7 +510,8 @@ class Pipeline:
                 if not guided:
                     return out
                 uncond, text = out[:count], out[count:]
-                return uncond + guidance * (text - uncond)
+                guided_out = uncond + guidance * (text - uncond)
+                return _rescaled(guided_out, text, guidance_rescale) if guidance_rescale else guided_out
 
             def on_step(step: int, total: int, latents: np.ndarray) -> None:
                 # Every scheduler folds the UNet's output into the latents of the same step, and NaN

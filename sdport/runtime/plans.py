@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from sdport.errors import UsageError
-from sdport.runtime.schedulers import SAMPLERS, _setup, resolve_request
+from sdport.runtime.schedulers import SAMPLERS, _setup, draws_noise, resolve_request
 from sdport.runtime.schedulers.sampler import NoiseSource
 
 PLAN_VERSION = 1
@@ -129,7 +129,7 @@ def sampling_plan(name: str, config: Mapping[str, Any], steps: int) -> dict[str,
     return {
         **head,
         "linear": True,
-        "stochastic": sampler.stochastic,
+        "stochastic": draws_noise(sampler, cfg),
         "config": plain,
         "init_noise_sigma": float(sch.init_noise_sigma),
         "evaluations": evaluations,

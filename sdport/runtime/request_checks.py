@@ -97,7 +97,7 @@ def prompt_batch(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[str
 
 def check_request(
     *, prompt: Any, negative_prompt: Any, steps: Any, guidance: Any, seed: Any, num_images: Any,
-    strength: Any = DEFAULT_STRENGTH, image_to_image: bool = True,
+    strength: Any = DEFAULT_STRENGTH, image_to_image: bool = True, eta: Any = 0.0, guidance_rescale: Any = 0.0,
 ) -> None:
     """The checks of `generate` that need no model, so the CLI can make them before loading one.
 
@@ -117,3 +117,7 @@ def check_request(
         raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
     if image_to_image and not 0 <= _finite("strength", strength) <= 1:
         raise UsageError(f"strength must be in [0, 1], got {strength}")
+    if _finite("eta", eta) < 0:
+        raise UsageError(f"eta must be 0 or more, got {eta}")
+    if not 0 <= _finite("guidance_rescale", guidance_rescale) <= 1:
+        raise UsageError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")

@@ -35,11 +35,13 @@ __all__ = [
     "add_noise",
     "available",
     "denoise",
+    "draws_noise",
     "karras_sigmas",
     "name_for_config",
     "request_names",
     "resolve_request",
     "schedule",
+    "with_eta",
 ]
 
 Model = Callable[[np.ndarray, float], np.ndarray]
@@ -94,6 +96,22 @@ def resolve_request(name: Any, config: Mapping[str, Any]) -> tuple[str, dict[str
     if not isinstance(name, str) or name not in SAMPLERS:
         raise UsageError(f"unknown scheduler {name!r}; choose one of: {', '.join(request_names())}")
     return name, dict(config)
+
+
+def with_eta(name: str, config: Mapping[str, Any], eta: float) -> dict[str, Any]:
+    """`config` with DDIM's eta (the argument diffusers' pipeline passes to DDIMScheduler.step, 0 by
+    default): UsageError for a nonzero eta where scheduler `name` has none, as a likely mistake."""
+    if not eta:
+        return dict(config)
+    if "eta" not in _sampler(name).defaults:
+        users = [other for other, sampler in SAMPLERS.items() if "eta" in sampler.defaults]
+        raise UsageError(f"eta applies to the {', '.join(users)} scheduler only, not to {name!r}")
+    return {**config, "eta": eta}
+
+
+def draws_noise(sampler: Sampler, cfg: Mapping[str, Any]) -> bool:
+    """Whether a run draws noise: the stochastic schedulers', and DDIM's with eta > 0."""
+    return sampler.stochastic or cfg.get("eta", 0.0) > 0
 
 
 def name_for_config(config: Mapping[str, Any]) -> str | None:
@@ -239,7 +257,7 @@ def denoise(
             `start_step > 0`, latents already noised by `add_noise` and used as they are.
         steps: number of inference steps N.
         rng: the only source of randomness, needed by ddpm, euler_ancestral, dpm2_ancestral,
-            dpmpp_2m_sde and lcm: `rng.standard_normal(latents.shape, dtype=np.float32)` is called once per
+            dpmpp_2m_sde, lcm, and ddim with a config eta > 0 (`with_eta`): `rng.standard_normal(latents.shape, dtype=np.float32)` is called once per
             diffusers noise draw.
         start_step: image-to-image start, the index into the N-step schedule (diffusers'
             `t_start`); evaluations begin at `timesteps[start_step * order]`.
@@ -250,7 +268,7 @@ def denoise(
     """
     sampler, cfg, sch = _setup(name, config, steps)
     _check_start(name, steps, start_step)
-    if sampler.stochastic and rng is None:
+    if draws_noise(sampler, cfg) and rng is None:
         raise UsageError(f"scheduler {name!r} is stochastic: pass rng=np.random.default_rng(seed)")
     x = np.asarray(latents, dtype=np.float32)
     first = start_step * sch.order

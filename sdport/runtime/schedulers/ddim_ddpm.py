@@ -1,4 +1,4 @@
-"""DDIM (Song et al. 2020, eta = 0) and DDPM (Ho et al. 2020) ancestral sampling."""
+"""DDIM (Song et al. 2020; deterministic at eta 0) and DDPM (Ho et al. 2020) ancestral sampling."""
 
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ def _schedule(cfg: Config, steps: int) -> Schedule:
     return Schedule(ts.round().astype(np.int64), None, 1.0, 1, steps, ac, final)
 
 
-def ddim_step(cfg: Config, sch: Schedule, i: int, out: np.ndarray, x: np.ndarray, state: None, rng: None):
-    """x_{t-1} = sqrt(alpha_bar_prev) x0 + sqrt(1 - alpha_bar_prev) eps   (DDIM eq. 12, eta 0)."""
+def ddim_step(cfg: Config, sch: Schedule, i: int, out: np.ndarray, x: np.ndarray, state: None, rng):
+    """x_{t-1} = sqrt(alpha_bar_prev) x0 + sqrt(1 - alpha_bar_prev - s^2) eps + s z   (DDIM eq. 12),
+    s = eta sqrt(beta~_t) the posterior's deviation scaled by eta; z is drawn only where eta > 0."""
     t = int(sch.timesteps[i])
     t_prev = t - cfg["num_train_timesteps"] // sch.steps  # diffusers' rule, whatever the spacing
     # 1. alpha_bar at t and t_prev
@@ -54,9 +55,15 @@ def ddim_step(cfg: Config, sch: Schedule, i: int, out: np.ndarray, x: np.ndarray
     else:
         eps = (x - np.sqrt(alpha_bar) * x0) / np.sqrt(beta_bar)
     x0 = clip_x0(cfg, x0)
-    # 3. "direction pointing to x_t" and the step
-    direction = np.sqrt(1 - alpha_bar_prev) * eps
-    return np.sqrt(alpha_bar_prev) * x0 + direction, None
+    # 3. the noise's deviation, "direction pointing to x_t" and the step
+    eta = cfg["eta"]
+    variance = (1 - alpha_bar_prev) / beta_bar * (1 - alpha_bar / alpha_bar_prev)
+    deviation = F32(eta) * np.sqrt(variance)
+    direction = np.sqrt(1 - alpha_bar_prev - deviation * deviation) * eps
+    x_prev = np.sqrt(alpha_bar_prev) * x0 + direction
+    if eta > 0:
+        x_prev = x_prev + deviation * draw_noise(rng, x.shape)
+    return x_prev, None
 
 
 def ddpm_step(cfg: Config, sch: Schedule, i: int, out: np.ndarray, x: np.ndarray, state: None, rng):
@@ -88,7 +95,9 @@ def ddpm_step(cfg: Config, sch: Schedule, i: int, out: np.ndarray, x: np.ndarray
 
 DDIM = Sampler(
     class_name="DDIMScheduler",
-    defaults={**_COMMON, "set_alpha_to_one": True},
+    # eta is no config key of diffusers' but the argument of its step(), which the pipeline passes
+    # from the request; here it is read from the config like the rest (schedulers.with_eta).
+    defaults={**_COMMON, "set_alpha_to_one": True, "eta": 0.0},
     allowed=_ALLOWED,
     schedule=_schedule,
     scale_input=identity_input,
