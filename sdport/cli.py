@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance-rescale", type=float, default=0.0,
                           help="0-1: the guided prediction pulled toward the text prediction's spread, for "
                                "v-prediction models that over-expose (diffusers' guidance_rescale; default: %(default)s)")
+    generate.add_argument("--clip-skip", type=int, default=0,
+                          help="the prompt's embeddings from this many text-encoder layers before the last "
+                               "(diffusers' clip_skip; 1 is AUTOMATIC1111's 'Clip skip: 2'; default: %(default)s)")
     generate.add_argument("--eta", type=float, default=0.0,
                           help="ddim only: 0 is deterministic, 1 adds DDPM's noise (default: %(default)s)")
     generate.add_argument("--scheduler", default=None,

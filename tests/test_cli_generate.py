@@ -80,6 +80,16 @@ def test_seed_minus_one_is_a_random_seed_said_and_recorded(tiny_onnx_dir, tmp_pa
     assert "seed must be a non-negative integer, got -2" in capsys.readouterr().err
 
 
+def test_eta_guidance_rescale_and_clip_skip_are_recorded(tiny_onnx_dir, tmp_path):
+    out = tmp_path / "settings.png"
+    assert generate(tiny_onnx_dir, "-q", "--scheduler", "ddim", "--eta", "0.5", "--guidance-rescale", "0.7",
+                    "--clip-skip", "1", "-o", str(out)) == 0
+    with Image.open(out) as image:
+        assert image.text["parameters"].endswith(
+            "Eta DDIM: 0.5, Guidance rescale: 0.7, Clip skip: 2, Software: sdport"  # AUTOMATIC1111 counts it from 1
+        )
+
+
 def test_no_overwrite_without_flag(tiny_onnx_dir, tmp_path, capsys):
     out = tmp_path / "fox.png"
     out.write_bytes(b"keep me")

@@ -296,6 +296,48 @@ def test_eta_and_guidance_rescale_refusals(pipe, settings, message):
         pipe.generate(PROMPT, steps=2, progress=False, **settings)
 
 
+def test_clip_skip_matches_diffusers(pipe, reference):
+    """diffusers' clip_skip, whose own code (text_encoder.text_model) fails with transformers 5: its
+    embeddings made as that code makes them, then given to diffusers as prompt_embeds."""
+    reference_pipe, config = reference
+    use_scheduler(reference_pipe, config, "ddim")
+
+    def embeddings(text: str, clip_skip: int):
+        ids = reference_pipe.tokenizer([text], padding="max_length", truncation=True, return_tensors="pt",
+                                       max_length=reference_pipe.tokenizer.model_max_length).input_ids
+        with torch.no_grad():
+            out = reference_pipe.text_encoder(ids, output_hidden_states=True)
+            if not clip_skip:
+                return out[0]
+            return reference_pipe.text_encoder.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
+
+    latents = noise((1, 4, 8, 8), seed=6)[0]
+    theirs = reference_pipe(
+        prompt_embeds=embeddings(PROMPT, 1), negative_prompt_embeds=embeddings(NEGATIVE, 0),  # as diffusers
+        num_inference_steps=STEPS, latents=torch.from_numpy(latents.copy()), output_type="np",
+    ).images
+    kwargs = dict(negative_prompt=NEGATIVE, steps=STEPS, scheduler="ddim", latents=latents, output="np", progress=False)
+    compare(pipe.generate(PROMPT, clip_skip=1, **kwargs), theirs, "txt2img clip_skip 1, ddim")
+    assert np.abs(pipe.generate(PROMPT, **kwargs) - theirs).max() > 0.05
+
+
+def test_clip_skip_refusals(pipe, monkeypatch):
+    import dataclasses
+
+    from sdport.errors import UsageError
+
+    for clip_skip, message in [(2, "clip_skip 2 is too many: this text encoder has 2 layers, so at most 1"),
+                               (-1, "clip_skip must be 0 (off) or a positive integer, got -1")]:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            pipe.generate(PROMPT, steps=1, clip_skip=clip_skip, progress=False)
+    # a folder exported before the output existed
+    text_encoder = pipe.manifest.graphs["text_encoder"]
+    older = dataclasses.replace(text_encoder, outputs=text_encoder.outputs[:2])
+    monkeypatch.setattr(pipe, "manifest", dataclasses.replace(pipe.manifest, graphs={**pipe.manifest.graphs, "text_encoder": older}))
+    with pytest.raises(UsageError, match="text encoder gives only its last layer's hidden states; re-export"):
+        pipe.generate(PROMPT, steps=1, clip_skip=1, progress=False)
+
+
 def test_unknown_noise_is_refused(pipe):
     from sdport.errors import UsageError
 

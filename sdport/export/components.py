@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from sdport.models.manifest import TensorSpec
+from sdport.models.manifest import CLIP_SKIP_OUTPUT, TensorSpec
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,14 @@ class _TextEncoder(torch.nn.Module):
         self.text_encoder = text_encoder
 
     def forward(self, input_ids: torch.Tensor):
-        out = self.text_encoder(input_ids, return_dict=False)
-        return out[0], out[1]
+        out = self.text_encoder(input_ids, output_hidden_states=True, return_dict=False)
+        hidden_states = out[2]  # the embeddings, then each layer's output
+        if len(hidden_states) < 3:  # one layer: nothing to skip to
+            return out[0], out[1]
+        # transformers 5 has it on the model; 4 on its text_model (where diffusers 0.42 looks)
+        final_layer_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
+        skipped = [final_layer_norm(hidden_states[-(k + 1)]) for k in range(1, len(hidden_states) - 1)]
+        return out[0], out[1], torch.stack(skipped, dim=1)  # manifest.CLIP_SKIP_OUTPUT: [B, layers - 1, T, D]
 
 
 class _UNet(torch.nn.Module):
@@ -74,6 +80,7 @@ def component_graphs(pipeline) -> dict[str, ComponentGraph]:
     """The four graphs of an SD pipeline, in export order."""
     text_encoder, unet, vae = pipeline.text_encoder, pipeline.unet, pipeline.vae
     max_tokens = text_encoder.config.max_position_embeddings
+    layers = text_encoder.config.num_hidden_layers
     vocab = text_encoder.config.vocab_size
     embed_dim = text_encoder.config.hidden_size
     latent_channels = unet.config.in_channels
@@ -107,6 +114,7 @@ def component_graphs(pipeline) -> dict[str, ComponentGraph]:
             (
                 TensorSpec("last_hidden_state", "float32", ("B", max_tokens, embed_dim)),
                 TensorSpec("pooler_output", "float32", ("B", embed_dim)),
+                *([TensorSpec(CLIP_SKIP_OUTPUT, "float32", ("B", layers - 1, max_tokens, embed_dim))] if layers > 1 else []),
             ),
             text_inputs,
         ),

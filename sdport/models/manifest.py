@@ -26,6 +26,11 @@ class ManifestError(SdportError, ValueError):
     """A model folder or its manifest is unusable; the message says what, where and how to fix."""
 
 
+# The text encoder's optional third output, [B, layers - 1, T, D]: at index k - 1 the hidden state
+# k layers before the last through the final LayerNorm, which diffusers' clip_skip = k takes.
+CLIP_SKIP_OUTPUT = "clip_skip_hidden_states"
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One graph input or output. Symbolic dims are strings that say their relation (`B`, `8H`)."""

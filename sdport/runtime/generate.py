@@ -37,7 +37,7 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
         say(f"seed: {seed} (random)")
     check_request(prompt=prompts, negative_prompt=args.negative, steps=args.steps, guidance=args.guidance,
                   seed=seed, num_images=args.num_images, strength=strength, eta=args.eta,
-                  guidance_rescale=args.guidance_rescale)
+                  guidance_rescale=args.guidance_rescale, clip_skip=args.clip_skip)
     if args.scheduler is not None:  # an unknown name, or eta for one without, fails here, not after the load
         with_eta(resolve_request(args.scheduler, {})[0], {}, args.eta)
     resolve_provider(args.provider)
@@ -80,6 +80,7 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
         noise=args.noise,
         eta=args.eta,
         guidance_rescale=args.guidance_rescale,
+        clip_skip=args.clip_skip,
         callback=on_step,
         progress=say is not None,
     )
@@ -92,7 +93,7 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
             model=Path(args.model).resolve().name,
             strength=strength if args.image else None,
             noise=args.noise if args.noise != "portable" else None,
-            eta=args.eta, guidance_rescale=args.guidance_rescale,
+            eta=args.eta, guidance_rescale=args.guidance_rescale, clip_skip=args.clip_skip,
         )
         imgs.save_png(picture, path, text, overwrite=args.overwrite)
     finished = time.perf_counter()

@@ -100,11 +100,11 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
 def parameters_text(
     *, prompt: str, negative_prompt: str, steps: int, sampler: str, guidance: float, seed: int,
     width: int, height: int, model: str, strength: float | None = None, noise: str | None = None,
-    eta: float = 0.0, guidance_rescale: float = 0.0,
+    eta: float = 0.0, guidance_rescale: float = 0.0, clip_skip: int = 0,
 ) -> str:
     """The generation settings as AUTOMATIC1111 writes them in a PNG's `parameters` chunk; `noise`
-    names a seeded generator other than the default (portable) one; eta and guidance_rescale are
-    written where they are not 0."""
+    names a seeded generator other than the default (portable) one; eta, guidance_rescale and
+    clip_skip are written where they are not 0 (clip_skip as AUTOMATIC1111 counts it, one more)."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
@@ -120,6 +120,8 @@ def parameters_text(
         fields.append(f"Eta DDIM: {eta:g}")
     if guidance_rescale:
         fields.append(f"Guidance rescale: {guidance_rescale:g}")
+    if clip_skip:
+        fields.append(f"Clip skip: {clip_skip + 1}")
     fields.append("Software: sdport")
     lines.append(", ".join(fields))
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sdport.errors import SdportError, UsageError
-from sdport.models.manifest import Manifest, ManifestError, TensorSpec, inside, read_json, read_manifest
+from sdport.models.manifest import CLIP_SKIP_OUTPUT, Manifest, ManifestError, TensorSpec, inside, read_json, read_manifest
 from sdport.runtime import images as imgs
 from sdport.runtime import schedulers
 from sdport.runtime.checksums import verify_sha256
@@ -336,6 +336,7 @@ class Pipeline:
         noise: NoiseKind = "portable",
         eta: float = 0.0,
         guidance_rescale: float = 0.0,
+        clip_skip: int = 0,
         progress: bool = True,
     ) -> list[Image.Image] | np.ndarray:
         """Generates `num_images` images for each prompt (text-to-image, or image-to-image with `image`).
@@ -378,6 +379,10 @@ class Pipeline:
             guidance_rescale: diffusers' guidance_rescale (Lin et al. 2023, 3.4), 0 to 1: the
                 guided prediction pulled toward the text prediction's standard deviation, which
                 keeps zero-terminal-SNR (v-prediction) models from over-exposing at high guidance.
+            clip_skip: diffusers' clip_skip: the prompts' embeddings from the text encoder's layer
+                `clip_skip` before the last, through its final LayerNorm (1 is AUTOMATIC1111's
+                "Clip skip: 2"); as in diffusers the negative prompts' stay the last layer's. Needs
+                a folder exported by this version of sdport (the text encoder's CLIP_SKIP_OUTPUT).
             progress: show a tqdm progress bar.
         Raises:
             UsageError for an invalid request; SdportError if a component produces NaN/inf.
@@ -385,12 +390,13 @@ class Pipeline:
         m = self.manifest
         check_request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                       seed=seed, num_images=num_images, strength=strength, image_to_image=image is not None,
-                      eta=eta, guidance_rescale=guidance_rescale)
+                      eta=eta, guidance_rescale=guidance_rescale, clip_skip=clip_skip)
         prompts, negatives = prompt_batch(prompt, negative_prompt)
         steps, per_prompt, guidance = int(steps), int(num_images), float(guidance)
         num_images = per_prompt * len(prompts)
         if output not in ("pil", "np"):
             raise UsageError(f"output must be 'pil' or 'np', got {output!r}")
+        self._check_clip_skip(int(clip_skip))
         if noise not in NOISE_KINDS:
             raise UsageError(f"noise must be one of {', '.join(NOISE_KINDS)}, got {noise!r}")
         name, config = self._scheduler(scheduler)
@@ -431,7 +437,7 @@ class Pipeline:
         else:
             x = _given_noise("latents", latents, shape) if latents is not None else _draw(seeded, shape)
 
-        embeddings = self._embed(prompts, negatives, per_prompt, guidance > 1)
+        embeddings = self._embed(prompts, negatives, per_prompt, guidance > 1, int(clip_skip))
         if rng is not None:
             step_noise = contextlib.nullcontext(rng)
         elif isinstance(seeded, BatchNoise):
@@ -450,17 +456,34 @@ class Pipeline:
         result = imgs.postprocess(pixels_out)
         return result if output == "np" else imgs.to_pil(result)
 
-    def _embed(self, prompts: list[str], negatives: list[str], count: int, guided: bool) -> np.ndarray:
+    def _check_clip_skip(self, clip_skip: int) -> None:
+        if not clip_skip:
+            return
+        outputs = {spec.name: spec for spec in self.manifest.graphs["text_encoder"].outputs}
+        if CLIP_SKIP_OUTPUT not in outputs:
+            raise UsageError(
+                f"clip_skip: {self.folder}'s text encoder gives only its last layer's hidden states; "
+                f"re-export the model with this version of sdport for clip_skip"
+            )
+        most = outputs[CLIP_SKIP_OUTPUT].shape[1]
+        if isinstance(most, int) and clip_skip > most:
+            raise UsageError(f"clip_skip {clip_skip} is too many: this text encoder has {most + 1} layers, so at most {most}")
+
+    def _embed(self, prompts: list[str], negatives: list[str], count: int, guided: bool, clip_skip: int = 0) -> np.ndarray:
         """Text embeddings [2B, T, D], B = len(prompts) * count, as diffusers stacks them: each
-        negative prompt `count` times, then each prompt `count` times; without guidance [B, T, D]."""
+        negative prompt `count` times, then each prompt `count` times; without guidance [B, T, D].
+        With `clip_skip` the prompts' (not the negative prompts') from that layer before the last."""
         texts = negatives + prompts if guided else prompts
         labels = text_labels("prompt", len(prompts))
         if guided:
             labels = text_labels("negative prompt", len(negatives)) + labels
         ids = self.tokenizer.encode(texts, labels=labels)
         with self._graph("text_encoder") as graph:
-            hidden = graph.run({"input_ids": ids}, last=True)["last_hidden_state"]  # [len(texts), T, D]
-        hidden = np.asarray(hidden, dtype=np.float32)
+            out = graph.run({"input_ids": ids}, last=True)
+        hidden = np.array(out["last_hidden_state"], dtype=np.float32)  # [len(texts), T, D]
+        if clip_skip:
+            positive = slice(len(texts) - len(prompts), len(texts))
+            hidden[positive] = out[CLIP_SKIP_OUTPUT][positive, clip_skip - 1]
         if not np.isfinite(hidden).all():
             raise SdportError("text_encoder: output has NaN or inf; the graph is broken, re-export the model")
         return np.repeat(hidden, count, axis=0)  # [neg_0 x count, neg_1 x count, ...; pos_0 x count, ...]

@@ -98,6 +98,7 @@ def prompt_batch(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[str
 def check_request(
     *, prompt: Any, negative_prompt: Any, steps: Any, guidance: Any, seed: Any, num_images: Any,
     strength: Any = DEFAULT_STRENGTH, image_to_image: bool = True, eta: Any = 0.0, guidance_rescale: Any = 0.0,
+    clip_skip: Any = 0,
 ) -> None:
     """The checks of `generate` that need no model, so the CLI can make them before loading one.
 
@@ -121,3 +122,5 @@ def check_request(
         raise UsageError(f"eta must be 0 or more, got {eta}")
     if not 0 <= _finite("guidance_rescale", guidance_rescale) <= 1:
         raise UsageError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, numbers.Integral) or clip_skip < 0:
+        raise UsageError(f"clip_skip must be 0 (off) or a positive integer, got {clip_skip!r}")
