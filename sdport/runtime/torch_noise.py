@@ -49,7 +49,10 @@ class TorchCPUNoise:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
             raise UsageError(f"torch noise: seed must be an integer in [0, 2^64), got {seed!r}")
         self.seed = int(seed)
-        self._words = np.random.RandomState(self.seed & 0xFFFFFFFF)._bit_generator  # MT19937, init_genrand
+        self._words = np.random.MT19937()
+        # init_genrand, through public API: legacy RandomState seeding, then its state moved over
+        _, key, pos, *_ = np.random.RandomState(self.seed & 0xFFFFFFFF).get_state()
+        self._words.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": pos}}
 
     def standard_normal(self, size: tuple[int, ...] | int = (), dtype: Any = np.float32) -> np.ndarray:
         """The next tensor of standard normals, as `torch.randn(size, generator=g)` gives them."""
