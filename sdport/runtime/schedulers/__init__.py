@@ -257,7 +257,8 @@ def denoise(
             `start_step > 0`, latents already noised by `add_noise` and used as they are.
         steps: number of inference steps N.
         rng: the only source of randomness, needed by ddpm, euler_ancestral, dpm2_ancestral,
-            dpmpp_2m_sde, lcm, and ddim with a config eta > 0 (`with_eta`): `rng.standard_normal(latents.shape, dtype=np.float32)` is called once per
+            dpmpp_2m_sde, lcm, and ddim with a config eta > 0 (`with_eta`):
+            `rng.standard_normal(latents.shape, dtype=np.float32)` is called once per
             diffusers noise draw.
         start_step: image-to-image start, the index into the N-step schedule (diffusers'
             `t_start`); evaluations begin at `timesteps[start_step * order]`.
