@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from sdport.runtime.schedulers import schedules as S
+from sdport.runtime.schedulers.dpm_solver import multistep_sigmas
 from sdport.runtime.schedulers.sampler import Sampler, add_noise_vp, at_defaults, identity_input, vp_alpha_sigma, x0_from_vp
 from sdport.runtime.schedulers.schedules import F32, LINEAR_BETAS, Config, Schedule
 
@@ -60,17 +61,12 @@ class DEISState(NamedTuple):
 
 
 def _schedule(cfg: Config, steps: int) -> Schedule:
+    """DPM-Solver's sigmas, Karras timesteps rounded, but the last step ends at the sigma of t = 0
+    (with Karras sigmas: at the last one again), not at 0."""
     ac = S.alphas_cumprod(cfg)
-    table = S.sigma_table(ac)
-    T = cfg["num_train_timesteps"]
-    ts = S.multistep_timesteps(cfg["timestep_spacing"], steps, T, cfg["steps_offset"], T)
-    if cfg["use_karras_sigmas"]:
-        karras = S.karras_sigmas(steps, float(table[0]), float(table[-1]))
-        ts = S.sigma_to_t(karras, np.log(table)).round().astype(np.int64)
-        sigmas = np.concatenate([karras, karras[-1:]]).astype(F32)
-    else:
-        sigmas = np.concatenate([S.interp_sigmas(ts, table), [table[0]]]).astype(F32)
-    return Schedule(ts, sigmas, 1.0, 1, steps, ac, F32(1.0))
+    ts, sigmas = multistep_sigmas(cfg, steps, cfg["num_train_timesteps"])
+    sigmas[-1] = sigmas[-2] if cfg["use_karras_sigmas"] else S.sigma_table(ac)[0]
+    return Schedule(ts.round().astype(np.int64), sigmas, 1.0, 1, steps, ac, F32(1.0))
 
 
 def _log_rho_coefficient(t: np.float32, b: np.float32, c: np.float32, d: np.float32 | None = None) -> np.float32:

@@ -35,8 +35,11 @@ _ALLOWED = {
 }
 
 
-def _sigmas(cfg: Config, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(float32 timesteps (N,), float32 sigmas (N + 1,), alpha_bar): spaced, or Karras."""
+def spaced_sigmas(
+    cfg: Config, steps: int, round_karras_timesteps: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(float32 timesteps (N,), float32 sigmas (N + 1,), alpha_bar): spaced, or Karras. Karras
+    timesteps are fractional, or float64 rounded with `round_karras_timesteps` (KDPM2's)."""
     ac = S.alphas_cumprod_for_sigmas(cfg)
     table = S.sigma_table(ac)
     ts = S.spaced_timesteps(cfg["timestep_spacing"], steps, cfg["num_train_timesteps"], cfg["steps_offset"])
@@ -47,7 +50,8 @@ def _sigmas(cfg: Config, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
         sigma_min = cfg.get("sigma_min") if cfg.get("sigma_min") is not None else sigmas[-1]
         sigma_max = cfg.get("sigma_max") if cfg.get("sigma_max") is not None else sigmas[0]
         sigmas = S.karras_sigmas(steps, float(sigma_min), float(sigma_max))
-        ts = S.sigma_to_t(sigmas, np.log(table)).astype(F32)
+        ts = S.sigma_to_t(sigmas, np.log(table))
+        ts = ts.round() if round_karras_timesteps else ts.astype(F32)
     return ts, S.append_zero(sigmas), ac
 
 
@@ -61,13 +65,13 @@ def init_sigma(cfg: Config, sigmas: np.ndarray) -> float:
 
 def _schedule(cfg: Config, steps: int) -> Schedule:
     """One model evaluation per sigma."""
-    ts, sigmas, ac = _sigmas(cfg, steps)
+    ts, sigmas, ac = spaced_sigmas(cfg, steps)
     return Schedule(ts, sigmas, init_sigma(cfg, sigmas), 1, steps, ac, F32(1.0))
 
 
 def _heun_schedule(cfg: Config, steps: int) -> Schedule:
     """Every sigma but the first and the final 0 appears twice: 2N - 1 evaluations."""
-    ts, sigmas, ac = _sigmas(cfg, steps)
+    ts, sigmas, ac = spaced_sigmas(cfg, steps)
     sigmas = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])
     ts = np.concatenate([ts[:1], np.repeat(ts[1:], 2)])
     return Schedule(ts, sigmas, init_sigma(cfg, sigmas), 2, steps, ac, F32(1.0))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from sdport.runtime.schedulers import schedules as S
-from sdport.runtime.schedulers.k_samplers import init_sigma
+from sdport.runtime.schedulers.k_samplers import init_sigma, spaced_sigmas
 from sdport.runtime.schedulers.sampler import Sampler, add_noise_sigma, draw_noise, karras_input, x0_from_sigma
 from sdport.runtime.schedulers.schedules import F32, Config, Schedule
 
@@ -43,22 +43,6 @@ _ALLOWED = {
 }
 
 
-def _sigmas(cfg: Config, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(timesteps (N,), float32 sigmas (N + 1,) ending in 0, float32 log sigma table, alpha_bar).
-
-    As Euler's, except that with Karras sigmas the timesteps are rounded (diffusers does so in
-    these two classes)."""
-    ac = S.alphas_cumprod(cfg)
-    table = S.sigma_table(ac)
-    log_table = np.log(table)
-    ts = S.spaced_timesteps(cfg["timestep_spacing"], steps, cfg["num_train_timesteps"], cfg["steps_offset"]).astype(F32)
-    sigmas = S.interp_sigmas(ts, table)
-    if cfg["use_karras_sigmas"]:
-        sigmas = S.karras_sigmas(steps, float(sigmas[-1]), float(sigmas[0]))
-        ts = S.sigma_to_t(sigmas, log_table).round()
-    return ts, S.append_zero(sigmas), log_table, ac
-
-
 def _geometric_mean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """exp(torch.lerp(log a, log b, 0.5)) in float32, as torch computes it (end - diff * 0.5)."""
     with np.errstate(divide="ignore", invalid="ignore"):  # log 0 = -inf where a sigma is 0
@@ -80,7 +64,9 @@ def _interleave(ends: np.ndarray, mids: np.ndarray) -> np.ndarray:
 
 
 def _schedule(cfg: Config, steps: int, ancestral: bool) -> Schedule:
-    ts, sigmas, log_table, ac = _sigmas(cfg, steps)
+    # Euler's, but Karras timesteps rounded, as diffusers does in these two classes
+    ts, sigmas, ac = spaced_sigmas(cfg, steps, round_karras_timesteps=True)
+    log_table = np.log(S.sigma_table(ac))
     ends = sigmas[:-1]  # s_0 .. s_{N-1}
     if ancestral:
         _, sigma_down = _ancestral_sigmas(ends[:-1], sigmas[1:-1])
