@@ -31,7 +31,7 @@ def run_generate(args: argparse.Namespace, say: Say | None) -> int:
     strength = DEFAULT_STRENGTH if args.strength is None else args.strength
     if args.num_images < 1:
         raise UsageError(f"--num-images must be at least 1, got {args.num_images}")
-    prompts = args.prompt if isinstance(args.prompt, list) else [args.prompt]
+    prompts = args.prompt  # one or more (nargs="+")
     seed = secrets.randbelow(2**32) if args.seed == RANDOM_SEED else args.seed
     if args.seed == RANDOM_SEED and say:
         say(f"seed: {seed} (random)")

@@ -26,7 +26,7 @@ from sdport.runtime import schedulers
 from sdport.runtime.checksums import verify_sha256
 from sdport.runtime.graph_files import check_graph_files
 from sdport.runtime.noise import BatchNoise, LookaheadNoise
-from sdport.runtime.request_checks import DEFAULT_STRENGTH, check_request, check_size, prompt_batch, text_labels
+from sdport.runtime.request_checks import DEFAULT_STRENGTH, check_request, check_size, text_labels
 from sdport.runtime.sessions import Graph, Port, ProviderName, resolve_provider
 from sdport.runtime.tokenizer import ClipTokenizer
 from sdport.runtime.torch_noise import TorchBatchNoise
@@ -388,10 +388,11 @@ class Pipeline:
             UsageError for an invalid request; SdportError if a component produces NaN/inf.
         """
         m = self.manifest
-        check_request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
-                      seed=seed, num_images=num_images, strength=strength, image_to_image=image is not None,
-                      eta=eta, guidance_rescale=guidance_rescale, clip_skip=clip_skip)
-        prompts, negatives = prompt_batch(prompt, negative_prompt)
+        prompts, negatives = check_request(
+            prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
+            num_images=num_images, strength=strength, image_to_image=image is not None, eta=eta,
+            guidance_rescale=guidance_rescale, clip_skip=clip_skip,
+        )
         steps, per_prompt, guidance = int(steps), int(num_images), float(guidance)
         num_images = per_prompt * len(prompts)
         if output not in ("pil", "np"):

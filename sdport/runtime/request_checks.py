@@ -13,8 +13,12 @@ from sdport.errors import UsageError
 from sdport.models.manifest import Manifest
 
 
+def _integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not _integer(value) or value < 1:
         raise UsageError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
@@ -38,7 +42,7 @@ def check_size(manifest: Manifest, width: Any, height: Any) -> None:
     """Width and height must be positive multiples of the VAE's times the UNet's down-sampling."""
     multiple = manifest.vae_scale * manifest.latent_multiple
     for label, value in (("width", width), ("height", height)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < multiple:
+        if not _integer(value) or value < multiple:
             raise UsageError(f"{label} must be an integer of at least {multiple} pixels, got {value!r}")
         if value > MAX_SIDE:
             raise UsageError(f"{label} {value} is too large: at most {MAX_SIDE} pixels a side")
@@ -99,13 +103,14 @@ def check_request(
     *, prompt: Any, negative_prompt: Any, steps: Any, guidance: Any, seed: Any, num_images: Any,
     strength: Any = DEFAULT_STRENGTH, image_to_image: bool = True, eta: Any = 0.0, guidance_rescale: Any = 0.0,
     clip_skip: Any = 0,
-) -> None:
-    """The checks of `generate` that need no model, so the CLI can make them before loading one.
+) -> tuple[list[str], list[str]]:
+    """The checks of `generate` that need no model, so the CLI can make them before loading one;
+    returns the call's prompts and a negative prompt for each (prompt_batch).
 
     `num_images` is per prompt; `strength` is checked only for `image_to_image` (text-to-image
     ignores it).
     """
-    prompts, _ = prompt_batch(prompt, negative_prompt)
+    prompts, negatives = prompt_batch(prompt, negative_prompt)
     _positive_int("steps", steps)
     if _positive_int("num_images", num_images) * len(prompts) > MAX_IMAGES:
         many = f"num_images {num_images}" if len(prompts) == 1 else f"{len(prompts)} prompts x num_images {num_images}"
@@ -114,7 +119,7 @@ def check_request(
             f"with further calls and other seeds"
         )
     _finite("guidance", guidance)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+    if not _integer(seed) or seed < 0:
         raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
     if image_to_image and not 0 <= _finite("strength", strength) <= 1:
         raise UsageError(f"strength must be in [0, 1], got {strength}")
@@ -122,5 +127,6 @@ def check_request(
         raise UsageError(f"eta must be 0 or more, got {eta}")
     if not 0 <= _finite("guidance_rescale", guidance_rescale) <= 1:
         raise UsageError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
-    if isinstance(clip_skip, bool) or not isinstance(clip_skip, numbers.Integral) or clip_skip < 0:
+    if not _integer(clip_skip) or clip_skip < 0:
         raise UsageError(f"clip_skip must be 0 (off) or a positive integer, got {clip_skip!r}")
+    return prompts, negatives
