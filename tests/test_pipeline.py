@@ -8,6 +8,7 @@ are printed with `pytest -s`; about 1e-6 on this model).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -22,6 +23,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from PIL import Image  # noqa: E402
 
+from sdport.errors import UsageError  # noqa: E402
 from sdport.models.manifest import ManifestError  # noqa: E402
 from sdport.runtime import Pipeline  # noqa: E402
 
@@ -189,8 +191,6 @@ def test_prompt_list_matches_diffusers(pipe, reference, negatives):
     ],
 )
 def test_prompt_list_refusals(pipe, prompt, negative, message):
-    from sdport.errors import UsageError
-
     with pytest.raises(UsageError, match=re.escape(message)):
         pipe.generate(prompt, negative_prompt=negative, num_images=2, steps=2, progress=False)
 
@@ -290,8 +290,6 @@ def test_eta_and_guidance_rescale_match_diffusers(pipe, reference):
     ],
 )
 def test_eta_and_guidance_rescale_refusals(pipe, settings, message):
-    from sdport.errors import UsageError
-
     with pytest.raises(UsageError, match=re.escape(message)):
         pipe.generate(PROMPT, steps=2, progress=False, **settings)
 
@@ -322,10 +320,6 @@ def test_clip_skip_matches_diffusers(pipe, reference):
 
 
 def test_clip_skip_refusals(pipe, monkeypatch):
-    import dataclasses
-
-    from sdport.errors import UsageError
-
     for clip_skip, message in [(2, "clip_skip 2 is too many: this text encoder has 2 layers, so at most 1"),
                                (-1, "clip_skip must be 0 (off) or a positive integer, got -1")]:
         with pytest.raises(UsageError, match=re.escape(message)):
@@ -339,8 +333,6 @@ def test_clip_skip_refusals(pipe, monkeypatch):
 
 
 def test_unknown_noise_is_refused(pipe):
-    from sdport.errors import UsageError
-
     with pytest.raises(UsageError, match="noise must be one of portable, torch, got 'numpy'"):
         pipe.generate(PROMPT, steps=1, noise="numpy", progress=False)
 

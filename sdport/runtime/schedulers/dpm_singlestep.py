@@ -58,7 +58,7 @@ def _schedule(cfg: Config, steps: int) -> Schedule:
     ac = S.alphas_cumprod(cfg)
     lambdas = np.log(np.sqrt(ac)) - np.log(np.sqrt(1 - ac))
     clipped = int(np.searchsorted(lambdas[::-1], cfg["lambda_min_clipped"]))
-    linspace = {**cfg, "timestep_spacing": "linspace", "steps_offset": 0, "sigma_min": None, "sigma_max": None}
+    linspace = {**cfg, "timestep_spacing": "linspace", "steps_offset": 0}
     ts, sigmas = multistep_sigmas(linspace, steps, cfg["num_train_timesteps"] - clipped)
     if cfg["final_sigmas_type"] == "sigma_min":
         sigmas[-1] = S.sigma_table(ac)[0]
