@@ -88,12 +88,18 @@ def euler_step(cfg: Config, sch: Schedule, i: int, out: np.ndarray, x: np.ndarra
     return x + d * (sch.sigmas[i + 1] - sigma), None
 
 
+def ancestral_sigmas(sigma: np.ndarray, sigma_to: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sigma_up, sigma_down) of an ancestral step from sigma to sigma_to, in the inputs' float
+    type: sigma_down^2 + sigma_up^2 = sigma_to^2."""
+    sigma_up = np.sqrt(sigma_to * sigma_to * (sigma * sigma - sigma_to * sigma_to) / (sigma * sigma))
+    return sigma_up, np.sqrt(sigma_to * sigma_to - sigma_up * sigma_up)
+
+
 def euler_ancestral_step(cfg: Config, sch: Schedule, i: int, out: np.ndarray, x: np.ndarray, state: None, rng):
     """Euler down to sigma_down, then add sigma_up noise, sigma_down^2 + sigma_up^2 = sigma_{i+1}^2."""
     sigma, sigma_to = sch.sigmas[i], sch.sigmas[i + 1]
     x0 = x0_from_sigma(cfg["prediction_type"], out, x, sigma)
-    sigma_up = np.sqrt(sigma_to * sigma_to * (sigma * sigma - sigma_to * sigma_to) / (sigma * sigma))
-    sigma_down = np.sqrt(sigma_to * sigma_to - sigma_up * sigma_up)
+    sigma_up, sigma_down = ancestral_sigmas(sigma, sigma_to)
     d = (x - x0) / sigma
     x_next = x + d * (sigma_down - sigma)
     return x_next + draw_noise(rng, x.shape) * sigma_up, None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from sdport.runtime.schedulers import schedules as S
-from sdport.runtime.schedulers.k_samplers import init_sigma, spaced_sigmas
+from sdport.runtime.schedulers.k_samplers import ancestral_sigmas, init_sigma, spaced_sigmas
 from sdport.runtime.schedulers.sampler import Sampler, add_noise_sigma, draw_noise, karras_input, x0_from_sigma
 from sdport.runtime.schedulers.schedules import F32, Config, Schedule
 
@@ -50,12 +50,6 @@ def _geometric_mean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.exp(log_b - (log_b - log_a) * F32(0.5))
 
 
-def _ancestral_sigmas(sigma: np.ndarray, sigma_next: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sigma_up, sigma_down) of a step from sigma to sigma_next, in float32."""
-    sigma_up = np.sqrt(sigma_next * sigma_next * (sigma * sigma - sigma_next * sigma_next) / (sigma * sigma))
-    return sigma_up, np.sqrt(sigma_next * sigma_next - sigma_up * sigma_up)
-
-
 def _interleave(ends: np.ndarray, mids: np.ndarray) -> np.ndarray:
     """[e_0, m_0, e_1, m_1, ..., e_{N-1}]: N ends and N - 1 midpoints."""
     out = np.empty(2 * len(ends) - 1, dtype=np.result_type(ends, mids))
@@ -69,7 +63,7 @@ def _schedule(cfg: Config, steps: int, ancestral: bool) -> Schedule:
     log_table = np.log(S.sigma_table(ac))
     ends = sigmas[:-1]  # s_0 .. s_{N-1}
     if ancestral:
-        _, sigma_down = _ancestral_sigmas(ends[:-1], sigmas[1:-1])
+        _, sigma_down = ancestral_sigmas(ends[:-1], sigmas[1:-1])
         mids = _geometric_mean(ends[:-1], sigma_down)  # between s_k and sigma_down_k
     else:
         mids = _geometric_mean(sigmas[1:-1], ends[:-1])  # between s_{k+1} and s_k
@@ -89,7 +83,7 @@ def _kdpm2_step(cfg: Config, sch: Schedule, i: int, out: np.ndarray, x: np.ndarr
     d = (x - x0_from_sigma(cfg["prediction_type"], out, x, sigma_mid)) / sigma_mid
     if not ancestral:
         return state + d * (sigma_next - sigma), None
-    sigma_up, sigma_down = _ancestral_sigmas(sigma, sigma_next)
+    sigma_up, sigma_down = ancestral_sigmas(sigma, sigma_next)
     return state + d * (sigma_down - sigma) + draw_noise(rng, x.shape) * sigma_up, None
 
 
