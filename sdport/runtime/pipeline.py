@@ -393,11 +393,11 @@ class Pipeline:
             num_images=num_images, strength=strength, image_to_image=image is not None, eta=eta,
             guidance_rescale=guidance_rescale, clip_skip=clip_skip,
         )
-        steps, per_prompt, guidance = int(steps), int(num_images), float(guidance)
+        steps, per_prompt, guidance, clip_skip = int(steps), int(num_images), float(guidance), int(clip_skip)
         num_images = per_prompt * len(prompts)
         if output not in ("pil", "np"):
             raise UsageError(f"output must be 'pil' or 'np', got {output!r}")
-        self._check_clip_skip(int(clip_skip))
+        self._check_clip_skip(clip_skip)
         if noise not in NOISE_KINDS:
             raise UsageError(f"noise must be one of {', '.join(NOISE_KINDS)}, got {noise!r}")
         name, config = self._scheduler(scheduler)
@@ -438,7 +438,7 @@ class Pipeline:
         else:
             x = _given_noise("latents", latents, shape) if latents is not None else _draw(seeded, shape)
 
-        embeddings = self._embed(prompts, negatives, per_prompt, guidance > 1, int(clip_skip))
+        embeddings = self._embed(prompts, negatives, per_prompt, guidance > 1, clip_skip)
         if rng is not None:
             step_noise = contextlib.nullcontext(rng)
         elif isinstance(seeded, BatchNoise):
