@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from sdport.errors import SdportError, UsageError
 from sdport.models.manifest import CLIP_SKIP_OUTPUT, Manifest, ManifestError, TensorSpec, inside, read_json, read_manifest
 from sdport.runtime import images as imgs
-from sdport.runtime import schedulers
+from sdport.runtime import linear_loop, schedulers
 from sdport.runtime.checksums import verify_sha256
 from sdport.runtime.graph_files import check_graph_files
 from sdport.runtime.noise import BatchNoise, LookaheadNoise
@@ -517,20 +517,26 @@ class Pipeline:
         guided = embeddings.shape[0] == 2 * count
         current = {"step": 0}
         evaluations = schedulers.schedule(name, config, steps).evaluations(start_step)
+        # guidance_rescale divides by standard deviations, which no linear plan can: those runs,
+        # and configs whose steps are not linear, take the scheduler's step functions.
+        plan = None if guidance_rescale else linear_loop.compile_plan(
+            name, config, steps, start_step, guidance if guided else None)
         # No tqdm at all without a bar: even disabled, making one costs a tiny model's 1% of a step.
         bar_or_none = tqdm(total=evaluations, desc="denoising", unit="step") if progress else contextlib.nullcontext()
         with self._graph("unet") as unet, bar_or_none as bar:
             unet.keep_on_device("encoder_hidden_states", embeddings)
             timestep_port = unet.input("timestep")
 
+            def run_unet(sample: np.ndarray, timestep: np.ndarray, t: float) -> np.ndarray:
+                """The UNet's raw output for `sample` ([uncond, text] halves when guided)."""
+                out = unet.run({"sample": sample, "timestep": timestep, "encoder_hidden_states": embeddings},
+                               last=current["step"] + 1 == evaluations)["out_sample"]
+                current["out"], current["timestep"] = out, t
+                return out
+
             def model(x_in: np.ndarray, t: Any) -> np.ndarray:
                 sample = np.concatenate([x_in, x_in]) if guided else x_in  # [2B | B, C, h, w]
-                out = unet.run({
-                    "sample": sample,
-                    "timestep": self._timestep(timestep_port, t, name),
-                    "encoder_hidden_states": embeddings,
-                }, last=current["step"] + 1 == evaluations)["out_sample"]
-                current["out"], current["timestep"] = out, t
+                out = run_unet(sample, self._timestep(timestep_port, t, name), t)
                 if not guided:
                     return out
                 uncond, text = out[:count], out[count:]
@@ -560,9 +566,12 @@ class Pipeline:
             # source line each, so they are off for the loop.
             try:
                 with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-                    return schedulers.denoise(
-                        name, config, model, x, steps, rng=noise_source, start_step=start_step, callback=on_step,
-                    )
+                    if plan is None:
+                        return schedulers.denoise(
+                            name, config, model, x, steps, rng=noise_source, start_step=start_step, callback=on_step,
+                        )
+                    feeds = [(self._timestep(timestep_port, step.timestep, name), step.timestep) for step in plan.steps]
+                    return linear_loop.run(plan, x, lambda sample, k: run_unet(sample, *feeds[k]), noise_source, on_step)
             finally:
                 unet.release_device()
 

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sdport.errors import UsageError
-from sdport.runtime.schedulers import SAMPLERS, _setup, draws_noise, resolve_request
+from sdport.runtime.schedulers import SAMPLERS, _check_start, _sampler, _setup, draws_noise, resolve_request
 from sdport.runtime.schedulers.sampler import NoiseSource
 
 PLAN_VERSION = 1
@@ -72,6 +73,62 @@ def _terms(row: np.ndarray, first: int, count: int) -> list[list[float]]:
     return [[int(j), float(part[j])] for j in np.flatnonzero(part)]
 
 
+@dataclass(frozen=True)
+class LinearEvaluation:
+    """One model evaluation of a run, over the run's symbols: for S evaluations, x_k is symbol k
+    (k = 0..S), e_k symbol S + 1 + k and z_k symbol 2S + 1 + k."""
+
+    timestep: float
+    input_scale: float  # x_in = x_k * input_scale
+    row: np.ndarray  # x_k+1's coefficients over the 3S + 1 symbols (float64)
+    noise: int | None  # the symbol of the draw this step takes, None if it draws nothing
+
+
+def linear_run(name: str, config: Mapping[str, Any], steps: int,
+               start_step: int = 0) -> tuple[float, tuple[LinearEvaluation, ...]] | str:
+    """Scheduler `name` (a base name, as `denoise` takes) as linear algebra: (x_0's scale, one
+    `LinearEvaluation` per model evaluation), for a run that starts at step `start_step`
+    (image-to-image, where x_0 is the noised latents: scale 1); or, for a config whose steps are
+    not linear, the reason. UsageError where `denoise` would raise one."""
+    _sampler(name)  # UsageError for an unknown name
+    reason = _nonlinear_reason(name, config)
+    if reason is not None:
+        return f"scheduler {name!r}: {reason}"
+    sampler, cfg, sch = _setup(name, config, steps)
+    _check_start(name, steps, start_step)
+    first = start_step * sch.order
+    S = len(sch.timesteps) - first
+    size = 3 * S + 1
+    e0 = S + 1
+    draws = _Draws(size, 2 * S + 1)
+    state = sampler.state0
+    evaluations = []
+    for k, i in enumerate(range(first, first + S)):
+        x = np.zeros(size)
+        x[k] = 1.0
+        x_in = sampler.scale_input(sch, i, x)
+        out = np.zeros(size)
+        out[e0 + k] = 1.0
+        before = len(draws.drawn)
+        x_next, state = sampler.step(cfg, sch, i, out, x, state, draws)
+        row = np.asarray(x_next, dtype=np.float64)
+        if not np.isfinite(row).all():
+            raise UsageError(
+                f"scheduler {name!r}: step {i} of {steps} has non-finite coefficients for this config; "
+                "it diverges in `denoise` too"
+            )
+        if len(draws.drawn) - before > 1:
+            raise UsageError(f"internal: scheduler {name!r} drew noise twice in one step")
+        row.flags.writeable = False
+        evaluations.append(LinearEvaluation(
+            timestep=float(sch.timesteps[i]),
+            input_scale=float(x_in[k]),  # scale_input is x times a scalar
+            row=row,
+            noise=draws.drawn[-1] if len(draws.drawn) > before else None,
+        ))
+    return (float(sch.init_noise_sigma) if first == 0 else 1.0), tuple(evaluations)
+
+
 def sampling_plan(name: str, config: Mapping[str, Any], steps: int) -> dict[str, Any]:
     """The plan of scheduler `name` with `config` for `steps` steps, as a JSON-able dict.
 
@@ -91,47 +148,26 @@ def sampling_plan(name: str, config: Mapping[str, Any], steps: int) -> dict[str,
     requested = name
     name, config = resolve_request(requested, config)
     head = {"plan_version": PLAN_VERSION, "scheduler": requested, "steps": steps}
-    reason = _nonlinear_reason(name, config)
-    if reason is not None:
-        return {**head, "linear": False, "reason": f"scheduler {name!r}: {reason}"}
-    sampler, cfg, sch = _setup(name, config, steps)
-    S = len(sch.timesteps)
-    size = 3 * S + 1  # symbols: x_0..x_S at [0, S], e_i at S + 1 + i, z_i at 2S + 1 + i
-    e0, z0 = S + 1, 2 * S + 1
-    draws = _Draws(size, z0)
-    state = sampler.state0
-    evaluations = []
-    for i in range(S):
-        x = np.zeros(size)
-        x[i] = 1.0
-        x_in = sampler.scale_input(sch, i, x)
-        out = np.zeros(size)
-        out[e0 + i] = 1.0
-        before = len(draws.drawn)
-        x_next, state = sampler.step(cfg, sch, i, out, x, state, draws)
-        row = np.asarray(x_next, dtype=np.float64)
-        if not np.isfinite(row).all():
-            raise UsageError(
-                f"scheduler {name!r}: step {i} of {steps} has non-finite coefficients for this config; "
-                "it diverges in `denoise` too"
-            )
-        if len(draws.drawn) - before > 1:
-            raise UsageError(f"internal: scheduler {name!r} drew noise twice in one step")
-        noise = float(row[draws.drawn[-1]]) if len(draws.drawn) > before else None
-        evaluations.append({
-            "timestep": float(sch.timesteps[i]),
-            "input_scale": float(x_in[i]),  # scale_input is x times a scalar
-            "samples": _terms(row, 0, i + 1),
-            "outputs": _terms(row, e0, i + 1),
-            "noise": noise,
-        })
+    run = linear_run(name, config, steps)
+    if isinstance(run, str):
+        return {**head, "linear": False, "reason": run}
+    init_noise_sigma, linear = run
+    sampler, cfg, _ = _setup(name, config, steps)
+    S = len(linear)
+    evaluations = [{
+        "timestep": ev.timestep,
+        "input_scale": ev.input_scale,
+        "samples": _terms(ev.row, 0, i + 1),
+        "outputs": _terms(ev.row, S + 1, i + 1),
+        "noise": None if ev.noise is None else float(ev.row[ev.noise]),
+    } for i, ev in enumerate(linear)]
     plain = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in cfg.items()}
     return {
         **head,
         "linear": True,
         "stochastic": draws_noise(sampler, cfg),
         "config": plain,
-        "init_noise_sigma": float(sch.init_noise_sigma),
+        "init_noise_sigma": init_noise_sigma,
         "evaluations": evaluations,
     }
 

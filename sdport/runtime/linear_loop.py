@@ -1,0 +1,201 @@
+"""The pipeline's denoising loop as one small matrix product per step: a compiled sampling plan.
+
+Every scheduler step is linear in the samples, model outputs and noise seen so far (plans.py), and
+so is classifier-free guidance, e = u + g (t - u) of the UNet's unconditional and text halves. So
+for a fixed scheduler config, step count, start and guidance, each step's new sample x_k+1, and the
+next UNet input x_k+1 * input_scale, is one [2, slots] @ [slots, latents] product over the few
+tensors later steps still read ("slots": rows of one float64 array). A step then costs five NumPy
+calls around the UNet's run, where a scheduler's step function and the guidance took 20-30: on a
+small model, whose UNet runs in a millisecond or two, those calls were 2-3% of a step.
+
+The arithmetic is the plan's (docs/CONTRACT.md): float64 sums of float32 tensors, each sample
+rounded to float32 once, in the order BLAS picks; `denoise` with float32 step functions agrees to
+float32 rounding (tests/test_linear_loop.py). Configs that are not linear (clip_sample,
+thresholding) and guidance_rescale, which scales by a standard deviation, are not compiled: the
+pipeline runs `denoise` for those.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sdport.runtime.plans import linear_run
+from sdport.runtime.schedulers import _hashable
+from sdport.runtime.schedulers.sampler import NoiseSource
+
+# A step's product reads every row, so its cost and the history's memory grow with the rows. Most
+# schedulers need 3-9 at any step count; UniPC's corrected sample expands into every earlier
+# tensor (147 rows at 50 steps), so it, and anything else past this, runs as step functions.
+MAX_SLOTS = 16
+
+
+@dataclass(frozen=True)
+class CompiledStep:
+    """One model evaluation. mix: [1 or 2, slots] float64, the rows of x_k+1 and (but on the last
+    evaluation) of the next evaluation's input; the UNet's output goes to the `copies` slots from
+    output_slot (None: no step reads it); draws: this step takes a noise draw, kept in noise_slot
+    (None: its coefficient is 0, as DPM++ 2M SDE's last); sample_slot keeps x_k+1 (None: unread)."""
+
+    timestep: float
+    mix: np.ndarray
+    output_slot: int | None
+    draws: bool
+    noise_slot: int | None
+    sample_slot: int | None
+
+
+@dataclass(frozen=True)
+class CompiledPlan:
+    """x_0 = latents * x0_scale (float32), kept in x0_slot; the first input is x_0 * input_scale;
+    copies: 2 with guidance (the UNet's batch is [uncond, text]), else 1."""
+
+    x0_scale: float
+    input_scale: float
+    x0_slot: int | None
+    slots: int
+    copies: int
+    steps: tuple[CompiledStep, ...]
+
+
+class _Slots:
+    """Rows of the history array, each held by one tensor (a plan symbol and, for a guided output,
+    its half: 0 uncond, 1 text) until the last step that reads it has run."""
+
+    def __init__(self) -> None:
+        self.holder: list[tuple[int, int] | None] = []
+
+    def take(self, symbol: int, halves: int = 1) -> int:
+        """The first of `halves` adjacent free rows, now held by the symbol's halves."""
+        free = [h is None for h in self.holder] + [True] * halves
+        first = next(r for r in range(len(free)) if all(free[r : r + halves]))
+        self.holder.extend([None] * max(0, first + halves - len(self.holder)))
+        for half in range(halves):
+            self.holder[first + half] = (symbol, half)
+        return first
+
+    def release(self, symbols: set[int]) -> None:
+        self.holder = [None if h is not None and h[0] in symbols else h for h in self.holder]
+
+    def row(self, symbol: int) -> int:
+        return self.holder.index((symbol, 0))
+
+
+def compile_plan(name: str, config: Mapping[str, Any], steps: int, start_step: int,
+                 guidance: float | None) -> CompiledPlan | None:
+    """The run of scheduler `name` (a base name, as `denoise` takes it) with `config`, `steps` and
+    `start_step`, with the UNet's output guided by `guidance` (None: unguided, one copy), compiled;
+    None when the config's steps are not linear or need more than MAX_SLOTS rows. UsageError
+    where `denoise` would raise one."""
+    key = _hashable(config)
+    if key is None:
+        return _compile(name, config, steps, start_step, guidance)
+    return _cached_compile(name, key, steps, start_step, guidance)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_compile(name: str, cfg_items: tuple[tuple[str, str, Any], ...], steps: int, start_step: int,
+                    guidance: float | None) -> CompiledPlan | None:
+    return _compile(name, {key: value for key, _, value in cfg_items}, steps, start_step, guidance)
+
+
+def _compile(name: str, config: Mapping[str, Any], steps: int, start_step: int,
+             guidance: float | None) -> CompiledPlan | None:
+    run = linear_run(name, config, steps, start_step)
+    if isinstance(run, str):
+        return None
+    x0_scale, evaluations = run
+    S = len(evaluations)
+    e0, copies = S + 1, 1 if guidance is None else 2
+    # The guided output's halves as symbols of their own: e_k = (1 - g) u_k + g t_k, with g
+    # rounded to float32 as the guidance arithmetic it replaces did.
+    g = float(np.float32(guidance)) if guidance is not None else 1.0
+    halves = (1.0 - g, g) if copies == 2 else (1.0,)
+    last_read: dict[int, int] = {}
+    for k, ev in enumerate(evaluations):
+        for symbol in np.flatnonzero(ev.row):
+            last_read[int(symbol)] = k
+
+    slots = _Slots()
+    x0_slot = slots.take(0) if 0 in last_read else None
+    compiled = []
+    for k, ev in enumerate(evaluations):
+        # Rows a step writes before its product must not be read by it: the UNet's output and the
+        # draw take free rows; x_k+1, written after the product, may reuse the rows it read last.
+        output_slot = slots.take(e0 + k, copies) if e0 + k in last_read else None
+        noise_slot = slots.take(ev.noise) if ev.noise is not None and ev.noise in last_read else None
+        width = len(slots.holder)
+        row = np.zeros(width)
+        for symbol in np.flatnonzero(ev.row):
+            coefficient = ev.row[symbol]
+            if e0 <= symbol < e0 + S:
+                first = slots.row(int(symbol))
+                for offset, share in enumerate(halves):
+                    row[first + offset] += coefficient * share
+            else:
+                row[slots.row(int(symbol))] += coefficient
+        rows = [row] if k + 1 == S else [row, row * evaluations[k + 1].input_scale]
+        slots.release({s for s, last in last_read.items() if last == k})
+        sample_slot = slots.take(k + 1) if k + 1 in last_read else None
+        mix = np.stack(rows)
+        mix.flags.writeable = False
+        compiled.append(CompiledStep(ev.timestep, mix, output_slot, ev.noise is not None, noise_slot, sample_slot))
+    width = len(slots.holder)
+    if width > MAX_SLOTS:
+        return None
+    steps_padded = tuple(
+        CompiledStep(c.timestep, _padded(c.mix, width), c.output_slot, c.draws, c.noise_slot, c.sample_slot)
+        for c in compiled
+    )
+    return CompiledPlan(x0_scale, evaluations[0].input_scale, x0_slot, width, copies, steps_padded)
+
+
+def _padded(mix: np.ndarray, width: int) -> np.ndarray:
+    """`mix` with zero columns for the rows allocated after its step."""
+    padded = np.zeros((len(mix), width))
+    padded[:, : mix.shape[1]] = mix
+    padded.flags.writeable = False
+    return padded
+
+
+def run(plan: CompiledPlan, latents: np.ndarray, unet: Callable[[np.ndarray, int], np.ndarray],
+        rng: NoiseSource | None, callback: Callable[[int, int, np.ndarray], None]) -> np.ndarray:
+    """The denoised latents (float32, the latents' shape) from unit-variance `latents` (or, when
+    the plan starts mid-schedule, noised latents).
+
+    `unet(sample, k)`: the UNet's raw output for evaluation k, [copies * B, ...] ([uncond, text]
+    with guidance) for `sample` [copies * B, ...] float32, which it must not keep (its buffer is
+    reused). `rng.standard_normal(shape, dtype=np.float32)` is called at each draw, as `denoise`
+    calls it. `callback(k, total, x_k+1)` after each evaluation.
+    """
+    shape = latents.shape
+    x = np.asarray(latents, dtype=np.float32)
+    if plan.x0_scale != 1.0:
+        x = x * np.float32(plan.x0_scale)
+    history = np.zeros((plan.slots, x.size))  # zeros: a coefficient 0 times unwritten memory could be NaN
+    if plan.x0_slot is not None:
+        history[plan.x0_slot] = x.ravel()
+    sample = np.empty((plan.copies, x.size), dtype=np.float32)
+    sample[:] = x.ravel() * np.float32(plan.input_scale)
+    unet_input = sample.reshape((plan.copies * shape[0], *shape[1:]))
+    total = len(plan.steps)
+    for k, step in enumerate(plan.steps):
+        out = unet(unet_input, k)
+        if step.output_slot is not None:
+            history[step.output_slot : step.output_slot + plan.copies] = out.reshape(plan.copies, -1)
+        if step.draws:
+            z = rng.standard_normal(shape, dtype=np.float32)
+            if step.noise_slot is not None:
+                history[step.noise_slot] = z.ravel()
+        mixed = step.mix @ history
+        x = mixed[0].astype(np.float32).reshape(shape)
+        if step.sample_slot is not None:
+            history[step.sample_slot] = x.ravel()
+        if len(mixed) > 1:
+            sample[:] = mixed[1]
+        callback(k, total, x)
+    return x

@@ -1,0 +1,149 @@
+"""The compiled loop (linear_loop.py) equals `denoise` with guidance in NumPy, for every scheduler.
+
+The reference is the pipeline's other path: the scheduler's step functions (held to diffusers by
+test_schedulers.py) on the guided output uncond + g (text - uncond), in float32. The compiled
+loop folds the guidance into each step's coefficients and sums in float64, so the two differ by
+float32 rounding. Stochastic schedulers get the same `PortableNoise` on both sides: the draws,
+their shapes and the timesteps must line up too. Whole images against diffusers, through this
+loop, are test_pipeline.py's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sdport.errors import UsageError
+from sdport.models.families import scheduler_config
+from sdport.runtime import linear_loop
+from sdport.runtime.noise import PortableNoise
+from sdport.runtime.schedulers import SAMPLERS, available, denoise, schedule
+
+SD15 = scheduler_config("sd1")
+KARRAS = tuple(n for n in available() if "use_karras_sigmas" in SAMPLERS[n].defaults)
+SHAPE = (2, 4, 8, 8)  # two images: each row of the loop's history holds the whole batch
+GUIDANCE = 7.5
+ATOL = 1e-5  # of max(1, max |x|); measured at most 7.3e-6 over the grid but in the case named below
+
+
+def unet(sample: np.ndarray, t: float, guided: bool) -> np.ndarray:
+    """A nonlinear stand-in; guided, a batch [x, x] whose text half's output differs from its
+    unconditional half's, as a UNet's."""
+    x = sample.astype(np.float64)
+    out = np.tanh(x) * (0.6 + 0.3 * t / 1000)
+    if guided:
+        out[len(x) // 2 :] += 0.05 * np.sin(3 * x[len(x) // 2 :] + t / 100)
+    return out.astype(np.float32)
+
+
+class CountingNoise(PortableNoise):
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.shapes: list[tuple[int, ...]] = []
+
+    def standard_normal(self, size, dtype=np.float32):
+        self.shapes.append(tuple(size))
+        return super().standard_normal(size, dtype)
+
+
+def assert_loop_matches(name: str, config: dict, steps: int, start_step: int = 0, guided: bool = True,
+                        atol: float = ATOL) -> linear_loop.CompiledPlan:
+    latents = PortableNoise(0).standard_normal(SHAPE)
+    ref_times, our_times = [], []
+    ref_rng, our_rng = CountingNoise(7), CountingNoise(7)
+
+    def guided_model(x, t):
+        ref_times.append(t)
+        if not guided:
+            return unet(x, t, False)
+        out = unet(np.concatenate([x, x]), t, True)
+        uncond, text = out[: len(x)], out[len(x) :]
+        return uncond + GUIDANCE * (text - uncond)
+
+    ref = denoise(name, config, guided_model, latents, steps, rng=ref_rng, start_step=start_step)
+    plan = linear_loop.compile_plan(name, config, steps, start_step, GUIDANCE if guided else None)
+    assert plan is not None, f"{name} with {steps} steps did not compile ({linear_loop.MAX_SLOTS} rows at most)"
+    seen = []
+
+    def raw_unet(sample, k):
+        assert sample.shape == (len(latents) * plan.copies, *SHAPE[1:]) and sample.dtype == np.float32
+        our_times.append(plan.steps[k].timestep)
+        return unet(sample, plan.steps[k].timestep, guided)
+
+    ours = linear_loop.run(plan, latents, raw_unet, our_rng, lambda k, total, x: seen.append((k, total, x.copy())))
+    assert our_times == ref_times  # the same timesteps, in order
+    assert our_rng.shapes == ref_rng.shapes  # the same draws: the noise streams line up
+    assert [k for k, _, _ in seen] == list(range(len(our_times))) and all(t == len(our_times) for _, t, _ in seen)
+    np.testing.assert_array_equal(seen[-1][2], ours)
+    assert ours.dtype == np.float32 and ours.shape == SHAPE
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=atol * max(1.0, float(np.abs(ref).max())))
+    return plan
+
+
+def _grid():
+    for name in available():
+        spacings = ("leading",) if name == "lcm" else ("leading", "trailing", "linspace")
+        for prediction in ("epsilon", "v_prediction"):
+            for spacing in spacings:
+                for karras in (False, True) if name in KARRAS else (False,):
+                    tag = f"{name}-{prediction}-{spacing}{'-karras' if karras else ''}"
+                    yield pytest.param(name, prediction, spacing, karras, id=tag)
+
+
+def _cancels(name: str, spacing: str, steps: int) -> bool:
+    """DPM2 ancestral's sigma_down = sqrt(s_next^2 - sigma_up^2) cancels at 2 linspace steps: an
+    ulp of float32 there moves it 1-2% (test_schedulers.py); measured 2.2e-5 of max |x| here."""
+    return name == "dpm2_ancestral" and spacing == "linspace" and steps == 2
+
+
+@pytest.mark.parametrize("name, prediction, spacing, karras", list(_grid()))
+def test_loop_equals_denoise(name, prediction, spacing, karras):
+    config = {**SD15, "prediction_type": prediction, "timestep_spacing": spacing, "use_karras_sigmas": karras}
+    for steps in (1, 2, 3, 10, 25, 50):
+        if name == "unipc" and steps > 3:
+            continue  # past MAX_SLOTS rows: test_unipc_runs_as_steps_past_the_row_limit
+        for start_step in sorted({0, steps // 2}):
+            atol = 1e-3 if _cancels(name, spacing, steps) else ATOL
+            assert_loop_matches(name, config, steps, start_step, atol=atol)
+        assert_loop_matches(name, config, steps, guided=False, atol=1e-3 if _cancels(name, spacing, steps) else ATOL)
+
+
+def test_rows_stay_few_at_50_steps():
+    """The history the loop keeps: a handful of latents, not one per step."""
+    rows = {name: linear_loop.compile_plan(name, SD15, 50, 0, GUIDANCE) for name in available()}
+    assert rows.pop("unipc") is None
+    assert all(plan is not None and plan.slots <= 9 for plan in rows.values()), {
+        name: plan and plan.slots for name, plan in rows.items()}
+    for name in ("euler", "dpmpp_2m_sde", "pndm"):  # and the result is still denoise's
+        assert_loop_matches(name, SD15, 50)
+
+
+def test_unipc_runs_as_steps_past_the_row_limit():
+    assert linear_loop.compile_plan("unipc", SD15, 3, 0, GUIDANCE) is not None
+    assert linear_loop.compile_plan("unipc", SD15, 25, 0, GUIDANCE) is None
+
+
+def test_nonlinear_configs_are_not_compiled():
+    assert linear_loop.compile_plan("ddim", {**SD15, "clip_sample": True}, 10, 0, GUIDANCE) is None
+    assert linear_loop.compile_plan("ddim", {**SD15, "thresholding": True}, 10, 0, GUIDANCE) is None
+
+
+def test_ddim_eta_draws_as_denoise():
+    plan = assert_loop_matches("ddim", {**SD15, "eta": 0.6}, 12)
+    assert all(step.draws for step in plan.steps[:-1])
+
+
+def test_errors_are_denoise_errors():
+    with pytest.raises(UsageError, match="steps must be a positive integer"):
+        linear_loop.compile_plan("euler", SD15, 0, 0, GUIDANCE)
+    with pytest.raises(UsageError, match="start_step must be in"):
+        linear_loop.compile_plan("euler", SD15, 10, 11, GUIDANCE)
+    with pytest.raises(UsageError, match="unknown scheduler"):
+        linear_loop.compile_plan("nope", SD15, 10, 0, GUIDANCE)
+
+
+def test_compiled_plans_are_reused():
+    first = linear_loop.compile_plan("dpmpp_2m", SD15, 20, 0, GUIDANCE)
+    assert linear_loop.compile_plan("dpmpp_2m", dict(SD15), 20, 0, GUIDANCE) is first
+    assert linear_loop.compile_plan("dpmpp_2m", SD15, 20, 0, 5.0) is not first
+    assert len(first.steps) == len(schedule("dpmpp_2m", SD15, 20).timesteps)
