@@ -25,7 +25,7 @@ from PIL import Image  # noqa: E402
 
 from sdport.errors import UsageError  # noqa: E402
 from sdport.models.manifest import ManifestError  # noqa: E402
-from sdport.runtime import Pipeline  # noqa: E402
+from sdport.runtime import Pipeline, linear_loop, schedulers  # noqa: E402
 
 ATOL = 1e-3  # on pixels in [0, 1]
 PROMPT, NEGATIVE = "a red fox in the snow, photograph", "blurry, low quality"
@@ -135,6 +135,22 @@ def test_text_to_image_matches_diffusers(pipe, reference, monkeypatch, name):
         pytest.importorskip("scipy", reason="diffusers' LMSDiscreteScheduler needs scipy")
     ours, theirs = run_both(pipe, reference, monkeypatch, name)
     compare(ours, theirs, f"txt2img {name}")
+
+
+def test_linear_runs_are_compiled_and_the_rest_take_the_step_functions(pipe, reference, monkeypatch):
+    """The loop runs as linear_loop's products where the run is linear; guidance_rescale and UniPC
+    past linear_loop's row limit take the scheduler's step functions, and match diffusers too."""
+    paths = []
+    compiled, stepped = linear_loop.run, schedulers.denoise
+    monkeypatch.setattr(linear_loop, "run", lambda *a, **k: paths.append("compiled") or compiled(*a, **k))
+    monkeypatch.setattr(schedulers, "denoise", lambda *a, **k: paths.append("steps") or stepped(*a, **k))
+    pipe.generate(PROMPT, steps=STEPS, scheduler="euler_ancestral", seed=1, output="np", progress=False)
+    pipe.generate(PROMPT, steps=STEPS, guidance_rescale=0.5, seed=1, output="np", progress=False)
+    assert paths == ["compiled", "steps"]
+    paths.clear()
+    ours, theirs = run_both(pipe, reference, monkeypatch, "unipc", steps=12)
+    assert paths == ["steps"] and linear_loop.compile_plan("unipc", pipe.scheduler_config, 12, 0, 7.5) is None
+    compare(ours, theirs, "txt2img unipc, 12 steps (step functions)")
 
 
 def test_batch_of_two_and_non_square(pipe, reference, monkeypatch):

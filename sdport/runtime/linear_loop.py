@@ -2,14 +2,14 @@
 
 Every scheduler step is linear in the samples, model outputs and noise seen so far (plans.py), and
 so is classifier-free guidance, e = u + g (t - u) of the UNet's unconditional and text halves. So
-for a fixed scheduler config, step count, start and guidance, each step's new sample x_k+1, and the
-next UNet input x_k+1 * input_scale, is one [2, slots] @ [slots, latents] product over the few
-tensors later steps still read ("slots": rows of one float64 array). A step then costs five NumPy
+for a fixed scheduler config, step count, start and guidance, each step's new sample x_k+1 is one
+[slots] @ [slots, latents] product over the few tensors later steps still read ("slots": rows of
+one float64 array), and the next UNet input is x_k+1 * input_scale. A step then costs five NumPy
 calls around the UNet's run, where a scheduler's step function and the guidance took 20-30: on a
 small model, whose UNet runs in a millisecond or two, those calls were 2-3% of a step.
 
 The arithmetic is the plan's (docs/CONTRACT.md): float64 sums of float32 tensors, each sample
-rounded to float32 once, in the order BLAS picks; `denoise` with float32 step functions agrees to
+rounded to float32 once (the sums in the order BLAS picks, the guidance folded into them); `denoise` with float32 step functions agrees to
 float32 rounding (tests/test_linear_loop.py). Configs that are not linear (clip_sample,
 thresholding) and guidance_rescale, which scales by a standard deviation, are not compiled: the
 pipeline runs `denoise` for those.
@@ -17,6 +17,7 @@ pipeline runs `denoise` for those.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,13 +37,14 @@ MAX_SLOTS = 16
 
 @dataclass(frozen=True)
 class CompiledStep:
-    """One model evaluation. mix: [1 or 2, slots] float64, the rows of x_k+1 and (but on the last
-    evaluation) of the next evaluation's input; the UNet's output goes to the `copies` slots from
-    output_slot (None: no step reads it); draws: this step takes a noise draw, kept in noise_slot
-    (None: its coefficient is 0, as DPM++ 2M SDE's last); sample_slot keeps x_k+1 (None: unread)."""
+    """One model evaluation. mix: [slots] float64, x_k+1's coefficients; next_input_scale: the next
+    evaluation's (None on the last); the UNet's output goes to the `copies` slots from output_slot
+    (None: no step reads it); draws: this step takes a noise draw, kept in noise_slot (None: its
+    coefficient is 0, as DPM++ 2M SDE's last); sample_slot keeps x_k+1 (None: unread)."""
 
     timestep: float
     mix: np.ndarray
+    next_input_scale: float | None
     output_slot: int | None
     draws: bool
     noise_slot: int | None
@@ -138,26 +140,22 @@ def _compile(name: str, config: Mapping[str, Any], steps: int, start_step: int,
                     row[first + offset] += coefficient * share
             else:
                 row[slots.row(int(symbol))] += coefficient
-        rows = [row] if k + 1 == S else [row, row * evaluations[k + 1].input_scale]
         slots.release({s for s, last in last_read.items() if last == k})
         sample_slot = slots.take(k + 1) if k + 1 in last_read else None
-        mix = np.stack(rows)
-        mix.flags.writeable = False
-        compiled.append(CompiledStep(ev.timestep, mix, output_slot, ev.noise is not None, noise_slot, sample_slot))
+        next_input_scale = evaluations[k + 1].input_scale if k + 1 < S else None
+        compiled.append(CompiledStep(ev.timestep, row, next_input_scale, output_slot, ev.noise is not None,
+                                     noise_slot, sample_slot))
     width = len(slots.holder)
     if width > MAX_SLOTS:
         return None
-    steps_padded = tuple(
-        CompiledStep(c.timestep, _padded(c.mix, width), c.output_slot, c.draws, c.noise_slot, c.sample_slot)
-        for c in compiled
-    )
+    steps_padded = tuple(dataclasses.replace(c, mix=_padded(c.mix, width)) for c in compiled)
     return CompiledPlan(x0_scale, evaluations[0].input_scale, x0_slot, width, copies, steps_padded)
 
 
 def _padded(mix: np.ndarray, width: int) -> np.ndarray:
-    """`mix` with zero columns for the rows allocated after its step."""
-    padded = np.zeros((len(mix), width))
-    padded[:, : mix.shape[1]] = mix
+    """`mix` with zeros for the rows taken after its step."""
+    padded = np.zeros(width)
+    padded[: len(mix)] = mix
     padded.flags.writeable = False
     return padded
 
@@ -180,7 +178,8 @@ def run(plan: CompiledPlan, latents: np.ndarray, unet: Callable[[np.ndarray, int
     if plan.x0_slot is not None:
         history[plan.x0_slot] = x.ravel()
     sample = np.empty((plan.copies, x.size), dtype=np.float32)
-    sample[:] = x.ravel() * np.float32(plan.input_scale)
+    # x_in = f32(x * input_scale) in float64, as the plan's hosts compute it
+    np.multiply(x.ravel(), np.float64(plan.input_scale), out=sample)
     unet_input = sample.reshape((plan.copies * shape[0], *shape[1:]))
     total = len(plan.steps)
     for k, step in enumerate(plan.steps):
@@ -191,11 +190,13 @@ def run(plan: CompiledPlan, latents: np.ndarray, unet: Callable[[np.ndarray, int
             z = rng.standard_normal(shape, dtype=np.float32)
             if step.noise_slot is not None:
                 history[step.noise_slot] = z.ravel()
-        mixed = step.mix @ history
-        x = mixed[0].astype(np.float32).reshape(shape)
+        # A vector-matrix product: BLAS's matrix-matrix one packs the history first, which at SD's
+        # latents took twice as long.
+        x = (step.mix @ history).astype(np.float32)
         if step.sample_slot is not None:
-            history[step.sample_slot] = x.ravel()
-        if len(mixed) > 1:
-            sample[:] = mixed[1]
+            history[step.sample_slot] = x
+        if step.next_input_scale is not None:
+            np.multiply(x, np.float64(step.next_input_scale), out=sample)
+        x = x.reshape(shape)
         callback(k, total, x)
     return x
