@@ -4,7 +4,9 @@
                                           [--steps 20] [--repeat 3] [--unet-onnx PATH]
 
 The model is trivial (returns its input scaled), so the time is the scheduler's own: total loop
-time / model evaluations, best of --repeat. For scale: an SD 1.5 UNet evaluation at 512x512
+time / model evaluations, best of --repeat. Two sdport columns: the step functions (`denoise`)
+and the compiled loop the pipeline runs where a run is linear (linear_loop.py; "-" where it runs
+the step functions instead: UniPC past linear_loop's row limit). For scale: an SD 1.5 UNet evaluation at 512x512
 (latents 1x4x64x64, batch 2 with guidance) takes ~2-10 s on a CPU, so either scheduler is noise
 next to it. With --unet-onnx the script times one evaluation of that ONNX UNet (onnxruntime, CPU)
 for the table's last line. The diffusers column needs torch and diffusers installed (export extra).
@@ -25,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdport.models.families import scheduler_config  # noqa: E402
+from sdport.runtime import linear_loop  # noqa: E402
 from sdport.runtime.schedulers import available, denoise  # noqa: E402
 
 SD15 = scheduler_config("sd1")  # the v1-5 scheduler config sdport ships
@@ -47,6 +50,22 @@ def time_sdport(name: str, shape: tuple[int, ...], steps: int, repeat: int) -> t
         best = min(best, time.perf_counter() - t0)
         evals = len(calls)
     return best / evals, evals
+
+
+def time_compiled(name: str, shape: tuple[int, ...], steps: int, repeat: int) -> float | None:
+    """Seconds per model evaluation for the pipeline's compiled loop, unguided; None if the run
+    does not compile."""
+    plan = linear_loop.compile_plan(name, SD15, steps, 0, None)
+    if plan is None:
+        return None
+    latents = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        linear_loop.run(plan, latents, lambda x, k: trivial_model(x, 0.0), np.random.default_rng(0),
+                        lambda k, total, x: None)
+        best = min(best, time.perf_counter() - t0)
+    return best / len(plan.steps)
 
 
 def diffusers_schedulers() -> dict | None:
@@ -131,19 +150,26 @@ def main(argv: list[str] | None = None) -> None:
 
     reference = diffusers_schedulers()
     rows = []
-    print(f"{'scheduler':16s} {'latents':>14s} {'evals':>5s} {'sdport ms/eval':>15s} {'diffusers ms/eval':>18s} {'ratio':>6s}")
+    print(f"{'scheduler':16s} {'latents':>14s} {'evals':>5s} {'sdport ms/eval':>15s} {'compiled':>9s} "
+          f"{'diffusers ms/eval':>18s} {'ratio':>6s} {'compiled':>8s}")
     for shape in SHAPES:
         for name in available():
             ours, evals = time_sdport(name, shape, args.steps, args.repeat)
+            compiled = time_compiled(name, shape, args.steps, args.repeat)
             theirs = time_diffusers(reference[name], shape, args.steps, args.repeat) if reference else None
             ratio = ours / theirs if theirs else None
+            compiled_ratio = compiled / theirs if theirs and compiled else None
             rows.append({
                 "scheduler": name, "shape": list(shape), "steps": args.steps, "evaluations": evals,
-                "sdport_s_per_eval": ours, "diffusers_s_per_eval": theirs, "ratio_sdport_over_diffusers": ratio,
+                "sdport_s_per_eval": ours, "compiled_s_per_eval": compiled, "diffusers_s_per_eval": theirs,
+                "ratio_sdport_over_diffusers": ratio, "ratio_compiled_over_diffusers": compiled_ratio,
             })
+            compiled_txt = f"{compiled * 1e3:9.3f}" if compiled else f"{'-':>9s}"
             theirs_txt = f"{theirs * 1e3:18.3f}" if theirs else f"{'n/a':>18s}"
             ratio_txt = f"{ratio:6.2f}" if ratio else f"{'':>6s}"
-            print(f"{name:16s} {'x'.join(map(str, shape)):>14s} {evals:5d} {ours * 1e3:15.3f} {theirs_txt} {ratio_txt}")
+            compiled_ratio_txt = f"{compiled_ratio:8.2f}" if compiled_ratio else f"{'':>8s}"
+            print(f"{name:16s} {'x'.join(map(str, shape)):>14s} {evals:5d} {ours * 1e3:15.3f} {compiled_txt} "
+                  f"{theirs_txt} {ratio_txt} {compiled_ratio_txt}")
 
     unet = time_unet(args.unet_onnx, args.repeat) if args.unet_onnx else None
     if unet:
