@@ -140,6 +140,9 @@ def test_errors_are_denoise_errors():
         linear_loop.compile_plan("euler", SD15, 10, 11, GUIDANCE)
     with pytest.raises(UsageError, match="unknown scheduler"):
         linear_loop.compile_plan("nope", SD15, 10, 0, GUIDANCE)
+    plan = linear_loop.compile_plan("euler_ancestral", SD15, 4, 0, GUIDANCE)
+    with pytest.raises(UsageError, match="this run draws noise: pass rng"):
+        linear_loop.run(plan, np.zeros(SHAPE, np.float32), lambda sample, k: sample, None, lambda *args: None)
 
 
 def test_compiled_plans_are_reused():

@@ -1,4 +1,4 @@
-"""The pipeline's denoising loop as one small matrix product per step: a compiled sampling plan.
+"""The pipeline's denoising loop as one vector-matrix product per step: a compiled sampling plan.
 
 Every scheduler step is linear in the samples, model outputs and noise seen so far (plans.py), and
 so is classifier-free guidance, e = u + g (t - u) of the UNet's unconditional and text halves. So
@@ -8,23 +8,24 @@ one float64 array), and the next UNet input is x_k+1 * input_scale. A step then 
 calls around the UNet's run, where a scheduler's step function and the guidance took 20-30: on a
 small model, whose UNet runs in a millisecond or two, those calls were 2-3% of a step.
 
-The arithmetic is the plan's (docs/CONTRACT.md): float64 sums of float32 tensors, each sample
-rounded to float32 once (the sums in the order BLAS picks, the guidance folded into them); `denoise` with float32 step functions agrees to
-float32 rounding (tests/test_linear_loop.py). Configs that are not linear (clip_sample,
-thresholding) and guidance_rescale, which scales by a standard deviation, are not compiled: the
-pipeline runs `denoise` for those.
+The arithmetic is the plan's (docs/CONTRACT.md, "The same loop with fewer operations"): float64
+sums of float32 tensors, each sample rounded to float32 once, but in the order BLAS picks and with
+the guidance folded in; `denoise`, whose step functions compute in float32, agrees to float32
+rounding (tests/test_linear_loop.py). Configs that are not linear (clip_sample, thresholding),
+guidance_rescale, which divides by standard deviations, and runs that would keep more than
+MAX_SLOTS tensors are not compiled: the pipeline runs `denoise` for those.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from sdport.errors import UsageError
 from sdport.runtime.plans import linear_run
 from sdport.runtime.schedulers import _hashable
 from sdport.runtime.schedulers.sampler import NoiseSource
@@ -148,7 +149,7 @@ def _compile(name: str, config: Mapping[str, Any], steps: int, start_step: int,
     width = len(slots.holder)
     if width > MAX_SLOTS:
         return None
-    steps_padded = tuple(dataclasses.replace(c, mix=_padded(c.mix, width)) for c in compiled)
+    steps_padded = tuple(replace(c, mix=_padded(c.mix, width)) for c in compiled)
     return CompiledPlan(x0_scale, evaluations[0].input_scale, x0_slot, width, copies, steps_padded)
 
 
@@ -170,10 +171,10 @@ def run(plan: CompiledPlan, latents: np.ndarray, unet: Callable[[np.ndarray, int
     reused). `rng.standard_normal(shape, dtype=np.float32)` is called at each draw, as `denoise`
     calls it. `callback(k, total, x_k+1)` after each evaluation.
     """
+    if rng is None and any(step.draws for step in plan.steps):
+        raise UsageError("this run draws noise: pass rng, e.g. PortableNoise(seed)")
     shape = latents.shape
-    x = np.asarray(latents, dtype=np.float32)
-    if plan.x0_scale != 1.0:
-        x = x * np.float32(plan.x0_scale)
+    x = np.asarray(latents, dtype=np.float32) * np.float32(plan.x0_scale)
     history = np.zeros((plan.slots, x.size))  # zeros: a coefficient 0 times unwritten memory could be NaN
     if plan.x0_slot is not None:
         history[plan.x0_slot] = x.ravel()
