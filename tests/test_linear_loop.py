@@ -17,10 +17,10 @@ from sdport.errors import UsageError
 from sdport.models.families import scheduler_config
 from sdport.runtime import linear_loop
 from sdport.runtime.noise import PortableNoise
-from sdport.runtime.schedulers import SAMPLERS, available, denoise, schedule
+from sdport.runtime.schedulers import available, denoise, schedule
+from test_plans import CountingNoise, scheduler_grid
 
 SD15 = scheduler_config("sd1")
-KARRAS = tuple(n for n in available() if "use_karras_sigmas" in SAMPLERS[n].defaults)
 SHAPE = (2, 4, 8, 8)  # two images: each row of the loop's history holds the whole batch
 GUIDANCE = 7.5
 ATOL = 1e-5  # of max(1, max |x|); measured at most 7.3e-6 over the grid but in the case named below
@@ -34,16 +34,6 @@ def unet(sample: np.ndarray, t: float, guided: bool) -> np.ndarray:
     if guided:
         out[len(x) // 2 :] += 0.05 * np.sin(3 * x[len(x) // 2 :] + t / 100)
     return out.astype(np.float32)
-
-
-class CountingNoise(PortableNoise):
-    def __init__(self, seed: int) -> None:
-        super().__init__(seed)
-        self.shapes: list[tuple[int, ...]] = []
-
-    def standard_normal(self, size, dtype=np.float32):
-        self.shapes.append(tuple(size))
-        return super().standard_normal(size, dtype)
 
 
 def assert_loop_matches(name: str, config: dict, steps: int, start_step: int = 0, guided: bool = True,
@@ -80,23 +70,13 @@ def assert_loop_matches(name: str, config: dict, steps: int, start_step: int = 0
     return plan
 
 
-def _grid():
-    for name in available():
-        spacings = ("leading",) if name == "lcm" else ("leading", "trailing", "linspace")
-        for prediction in ("epsilon", "v_prediction"):
-            for spacing in spacings:
-                for karras in (False, True) if name in KARRAS else (False,):
-                    tag = f"{name}-{prediction}-{spacing}{'-karras' if karras else ''}"
-                    yield pytest.param(name, prediction, spacing, karras, id=tag)
-
-
 def _cancels(name: str, spacing: str, steps: int) -> bool:
     """DPM2 ancestral's sigma_down = sqrt(s_next^2 - sigma_up^2) cancels at 2 linspace steps: an
     ulp of float32 there moves it 1-2% (test_schedulers.py); measured 2.2e-5 of max |x| here."""
     return name == "dpm2_ancestral" and spacing == "linspace" and steps == 2
 
 
-@pytest.mark.parametrize("name, prediction, spacing, karras", list(_grid()))
+@pytest.mark.parametrize("name, prediction, spacing, karras", list(scheduler_grid()))
 def test_loop_equals_denoise(name, prediction, spacing, karras):
     config = {**SD15, "prediction_type": prediction, "timestep_spacing": spacing, "use_karras_sigmas": karras}
     for steps in (1, 2, 3, 10, 25, 50):

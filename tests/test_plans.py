@@ -75,7 +75,7 @@ def assert_plan_matches(name: str, config: dict, steps: int, atol: float = ATOL)
     return plan
 
 
-def _grid():
+def scheduler_grid():
     for name in available():
         spacings = ("leading",) if name == "lcm" else ("leading", "trailing", "linspace")
         for prediction in ("epsilon", "v_prediction"):
@@ -85,7 +85,7 @@ def _grid():
                     yield pytest.param(name, prediction, spacing, karras, id=tag)
 
 
-@pytest.mark.parametrize("name, prediction, spacing, karras", list(_grid()))
+@pytest.mark.parametrize("name, prediction, spacing, karras", list(scheduler_grid()))
 def test_plan_equals_denoise(name, prediction, spacing, karras):
     config = {**SD15, "prediction_type": prediction, "timestep_spacing": spacing, "use_karras_sigmas": karras}
     for steps in (1, 2, 3, 10, 25, 50):
