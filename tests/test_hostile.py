@@ -516,3 +516,23 @@ def test_one_bad_unet_value_is_named_by_every_scheduler(tiny_onnx_dir, monkeypat
     pipe = Pipeline.load(tiny_onnx_dir, provider="cpu")
     with pytest.raises(SdportError, match="unet: output has NaN or inf at step 2 "):
         pipe.generate("a fox", steps=3, scheduler=scheduler, seed=0, progress=False)
+
+
+def test_huge_finite_latents_are_not_called_nan(tiny_onnx_dir, monkeypatch):
+    """The per-step check is x . x, which overflows float32 past |x| ~ 1e19; the full check then
+    finds every value finite, and the loop goes on."""
+    real = sessions.Graph.run
+
+    def run(self, feeds, last=False):
+        out = real(self, feeds, last=last)
+        if self.name == "unet":
+            out["out_sample"] = np.full_like(out["out_sample"], 1e21)
+        return out
+
+    monkeypatch.setattr(sessions.Graph, "run", run)
+    seen = []
+    pipe = Pipeline.load(tiny_onnx_dir, provider="cpu")
+    with np.errstate(over="ignore", invalid="ignore"):
+        pipe.generate("a fox", steps=3, scheduler="euler", seed=0, progress=False, output="np",
+                      callback=lambda step, total, x: seen.append(float(np.abs(x).max())))
+    assert len(seen) == 3 and all(np.isfinite(seen)) and max(seen) > 1e19
