@@ -6,7 +6,7 @@
 The model is trivial (returns its input scaled), so the time is the scheduler's own: total loop
 time / model evaluations, best of --repeat. Two sdport columns: the step functions (`denoise`)
 and the compiled loop the pipeline runs where a run is linear (linear_loop.py, unguided here as
-the others; "-" where the pipeline runs the step functions: UniPC past linear_loop's row limit).
+the others; "-" for a run it does not compile).
 For scale: an SD 1.5 UNet evaluation at 512x512 (latents 1x4x64x64, batch 2 with guidance)
 takes ~2-10 s on a CPU, so either scheduler is noise next to it. With --unet-onnx the script
 times one evaluation of that ONNX UNet (onnxruntime, CPU) for the table's last line. The

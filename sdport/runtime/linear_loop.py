@@ -11,9 +11,9 @@ small model, whose UNet runs in a millisecond or two, those calls were 2-3% of a
 The arithmetic is the plan's (docs/CONTRACT.md, "The same loop with fewer operations"): float64
 sums of float32 tensors, each sample rounded to float32 once, but in the order BLAS picks and with
 the guidance folded in; `denoise`, whose step functions compute in float32, agrees to float32
-rounding (tests/test_linear_loop.py). Configs that are not linear (clip_sample, thresholding),
-guidance_rescale, which divides by standard deviations, and runs that would keep more than
-MAX_SLOTS tensors are not compiled: the pipeline runs `denoise` for those.
+rounding (tests/test_linear_loop.py). Configs that are not linear (clip_sample, thresholding)
+and guidance_rescale, which divides by standard deviations, are not compiled: the pipeline runs
+`denoise` for those (and for any run that would keep more than MAX_SLOTS tensors; none does).
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ from typing import Any
 import numpy as np
 
 from sdport.errors import UsageError
-from sdport.runtime.plans import linear_run
+from sdport.runtime.plans import LinearEvaluation, linear_run
 from sdport.runtime.schedulers import _hashable
 from sdport.runtime.schedulers.sampler import NoiseSource
 
 # A step's product reads every row, so its cost and the history's memory grow with the rows. Most
-# schedulers need 3-9 at any step count; UniPC's corrected sample expands into every earlier
-# tensor (147 rows at 50 steps), so it, and anything else past this, runs as step functions.
+# schedulers need 3-9 at any step count. UniPC's corrected sample expands into every earlier
+# tensor (147 rows at 50 steps): it is kept as a tensor of its own instead (one product more a
+# step). Anything still past this runs as step functions.
 MAX_SLOTS = 16
 
 
@@ -41,7 +42,8 @@ class CompiledStep:
     """One model evaluation. mix: [slots] float64, x_k+1's coefficients; next_input_scale: the next
     evaluation's (None on the last); the UNet's output goes to the `copies` slots from output_slot
     (None: no step reads it); draws: this step takes a noise draw, kept in noise_slot (None: its
-    coefficient is 0, as DPM++ 2M SDE's last); sample_slot keeps x_k+1 (None: unread)."""
+    coefficient is 0, as DPM++ 2M SDE's last); sample_slot keeps x_k+1 (None: unread); derived:
+    (mix, slot) of each tensor the scheduler keeps that this step makes (UniPC's corrected sample)."""
 
     timestep: float
     mix: np.ndarray
@@ -50,6 +52,7 @@ class CompiledStep:
     draws: bool
     noise_slot: int | None
     sample_slot: int | None
+    derived: tuple[tuple[np.ndarray, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,15 @@ def _cached_compile(name: str, cfg_items: tuple[tuple[str, str, Any], ...], step
 
 def _compile(name: str, config: Mapping[str, Any], steps: int, start_step: int,
              guidance: float | None) -> CompiledPlan | None:
-    run = linear_run(name, config, steps, start_step)
+    plan = _compile_run(linear_run(name, config, steps, start_step), guidance)
+    if plan is False:  # too many rows: what the scheduler keeps with long rows becomes tensors of its own
+        plan = _compile_run(linear_run(name, config, steps, start_step, keep_terms=2), guidance)
+    return plan or None
+
+
+def _compile_run(run: tuple[float, tuple[LinearEvaluation, ...]] | str,
+                 guidance: float | None) -> CompiledPlan | bool | None:
+    """`run` compiled; None if it is not linear, False if it needs more than MAX_SLOTS rows."""
     if isinstance(run, str):
         return None
     x0_scale, evaluations = run
@@ -120,36 +131,45 @@ def _compile(name: str, config: Mapping[str, Any], steps: int, start_step: int,
     halves = (1.0 - g, g) if copies == 2 else (1.0,)
     last_read: dict[int, int] = {}
     for k, ev in enumerate(evaluations):
-        for symbol in np.flatnonzero(ev.row):
-            last_read[int(symbol)] = k
-
+        for row in (ev.row, *(made for _, made in ev.derived)):
+            for symbol in np.flatnonzero(row):
+                last_read[int(symbol)] = k
     slots = _Slots()
-    x0_slot = slots.take(0) if 0 in last_read else None
-    compiled = []
-    for k, ev in enumerate(evaluations):
-        # Rows a step writes before its product must not be read by it: the UNet's output and the
-        # draw take free rows; x_k+1, written after the product, may reuse the rows it read last.
-        output_slot = slots.take(e0 + k, copies) if e0 + k in last_read else None
-        noise_slot = slots.take(ev.noise) if ev.noise is not None and ev.noise in last_read else None
-        width = len(slots.holder)
-        row = np.zeros(width)
-        for symbol in np.flatnonzero(ev.row):
-            coefficient = ev.row[symbol]
+
+    def over_slots(row: np.ndarray) -> np.ndarray:
+        mix = np.zeros(len(slots.holder))
+        for symbol in np.flatnonzero(row):
+            coefficient = row[symbol]
             if e0 <= symbol < e0 + S:
                 first = slots.row(int(symbol))
                 for offset, share in enumerate(halves):
-                    row[first + offset] += coefficient * share
+                    mix[first + offset] += coefficient * share
             else:
-                row[slots.row(int(symbol))] += coefficient
+                mix[slots.row(int(symbol))] += coefficient
+        return mix
+
+    x0_slot = slots.take(0) if 0 in last_read else None
+    compiled = []
+    for k, ev in enumerate(evaluations):
+        # Rows a step writes before its products must not be read by them: the UNet's output and
+        # the draw take free rows; x_k+1 and the derived tensors, written after the products, may
+        # reuse the rows those read last.
+        output_slot = slots.take(e0 + k, copies) if e0 + k in last_read else None
+        noise_slot = slots.take(ev.noise) if ev.noise is not None and ev.noise in last_read else None
+        mix = over_slots(ev.row)
+        derived = [(symbol, over_slots(made)) for symbol, made in ev.derived if symbol in last_read]
         slots.release({s for s, last in last_read.items() if last == k})
+        derived_slots = tuple((made, slots.take(symbol)) for symbol, made in derived)
         sample_slot = slots.take(k + 1) if k + 1 in last_read else None
+        if len(slots.holder) > MAX_SLOTS:
+            return False
         next_input_scale = np.float32(evaluations[k + 1].input_scale) if k + 1 < S else None
-        compiled.append(CompiledStep(ev.timestep, row, next_input_scale, output_slot, ev.noise is not None,
-                                     noise_slot, sample_slot))
+        compiled.append(CompiledStep(ev.timestep, mix, next_input_scale, output_slot, ev.noise is not None,
+                                     noise_slot, sample_slot, derived_slots))
     width = len(slots.holder)
-    if width > MAX_SLOTS:
-        return None
-    steps_padded = tuple(replace(c, mix=_padded(c.mix, width)) for c in compiled)
+    steps_padded = tuple(replace(c, mix=_padded(c.mix, width),
+                                 derived=tuple((_padded(made, width), slot) for made, slot in c.derived))
+                         for c in compiled)
     return CompiledPlan(x0_scale, evaluations[0].input_scale, x0_slot, width, copies, steps_padded)
 
 
@@ -194,7 +214,10 @@ def run(plan: CompiledPlan, latents: np.ndarray, unet: Callable[[np.ndarray, int
                 history[step.noise_slot] = z.ravel()
         # A vector-matrix product: BLAS's matrix-matrix one packs the history first, which at SD's
         # latents took twice as long.
+        made = [(slot, mix @ history) for mix, slot in step.derived]
         x = (step.mix @ history).astype(np.float32)
+        for slot, value in made:
+            history[slot] = value
         if step.sample_slot is not None:
             history[step.sample_slot] = x
         if step.next_input_scale is not None:

@@ -80,16 +80,22 @@ class LinearEvaluation:
 
     timestep: float
     input_scale: float  # x_in = x_k * input_scale
-    row: np.ndarray  # x_k+1's coefficients over the 3S + 1 symbols (float64)
+    row: np.ndarray  # x_k+1's coefficients over the symbols (float64)
     noise: int | None  # the symbol of the draw this step takes, None if it draws nothing
+    derived: tuple[tuple[int, np.ndarray], ...] = ()  # (symbol, row): tensors this step makes for later ones
 
 
-def linear_run(name: str, config: Mapping[str, Any], steps: int,
-               start_step: int = 0) -> tuple[float, tuple[LinearEvaluation, ...]] | str:
+def linear_run(name: str, config: Mapping[str, Any], steps: int, start_step: int = 0,
+               keep_terms: int | None = None) -> tuple[float, tuple[LinearEvaluation, ...]] | str:
     """Scheduler `name` (a base name, as `denoise` takes) as linear algebra: (x_0's scale, one
     `LinearEvaluation` per model evaluation), for a run that starts at step `start_step`
     (image-to-image, where x_0 is the noised latents: scale 1); or, for a config whose steps are
-    not linear, the reason. UsageError where `denoise` would raise one."""
+    not linear, the reason. UsageError where `denoise` would raise one.
+
+    `keep_terms`: a tensor the scheduler keeps in its state whose row has more terms than this
+    becomes a symbol of its own (from 7S + 1 on), made by the step that made it (`derived`), so
+    that later rows stay short: UniPC's corrected sample otherwise expands into every earlier
+    tensor. Plans (`sampling_plan`) keep none: hosts run only their rows."""
     _sampler(name)  # UsageError for an unknown name
     reason = _nonlinear_reason(name, config)
     if reason is not None:
@@ -98,11 +104,12 @@ def linear_run(name: str, config: Mapping[str, Any], steps: int,
     _check_start(name, steps, start_step)
     first = start_step * sch.order
     S = len(sch.timesteps) - first
-    size = 3 * S + 1
+    size = 3 * S + 1 if keep_terms is None else 7 * S + 1
     e0 = S + 1
     draws = _Draws(size, 2 * S + 1)
     state = sampler.state0
     evaluations = []
+    kept = _KeptTensors(3 * S + 1, size, keep_terms)
     for k, i in enumerate(range(first, first + S)):
         x = np.zeros(size)
         x[k] = 1.0
@@ -119,14 +126,51 @@ def linear_run(name: str, config: Mapping[str, Any], steps: int,
             )
         if len(draws.drawn) - before > 1:
             raise UsageError(f"internal: scheduler {name!r} drew noise twice in one step")
+        state, derived = kept.symbols_for(state)
         row.flags.writeable = False
         evaluations.append(LinearEvaluation(
             timestep=float(sch.timesteps[i]),
             input_scale=float(x_in[k]),  # scale_input is x times a scalar
             row=row,
             noise=draws.drawn[-1] if len(draws.drawn) > before else None,
+            derived=derived,
         ))
     return (float(sch.init_noise_sigma) if first == 0 else 1.0), tuple(evaluations)
+
+
+class _KeptTensors:
+    """Replaces the long rows in a scheduler's state by symbols of their own (linear_run's
+    keep_terms), numbered from `first`; None keeps every row as it is."""
+
+    def __init__(self, first: int, size: int, keep_terms: int | None) -> None:
+        self.next, self.size, self.keep_terms = first, size, keep_terms
+
+    def symbols_for(self, state: Any) -> tuple[Any, tuple[tuple[int, np.ndarray], ...]]:
+        """(the state with its long rows replaced by one-hot symbols, [(symbol, row), ...])."""
+        if self.keep_terms is None:
+            return state, ()
+        made: dict[int, tuple[int, np.ndarray]] = {}  # id(row) -> (symbol, row): a row kept twice is one symbol
+
+        def replaced(value: Any) -> Any:
+            if isinstance(value, np.ndarray) and value.shape == (self.size,):
+                if np.count_nonzero(value) <= self.keep_terms:
+                    return value
+                if id(value) not in made:
+                    if self.next >= self.size:
+                        raise UsageError("internal: more kept tensors than linear_run has symbols for")
+                    row = np.asarray(value, dtype=np.float64)
+                    row.flags.writeable = False
+                    made[id(value)] = (self.next, row)
+                    self.next += 1
+                one_hot = np.zeros(self.size)
+                one_hot[made[id(value)][0]] = 1.0
+                return one_hot
+            if isinstance(value, tuple):
+                parts = [replaced(part) for part in value]
+                return type(value)(*parts) if hasattr(value, "_fields") else tuple(parts)
+            return value
+
+        return replaced(state), tuple(made.values())
 
 
 def sampling_plan(name: str, config: Mapping[str, Any], steps: int) -> dict[str, Any]:
