@@ -76,7 +76,7 @@ def _terms(row: np.ndarray, first: int, count: int) -> list[list[float]]:
 @dataclass(frozen=True)
 class LinearEvaluation:
     """One model evaluation of a run, over the run's symbols: for S evaluations, x_k is symbol k
-    (k = 0..S), e_k symbol S + 1 + k and z_k symbol 2S + 1 + k."""
+    (k = 0..S), e_k symbol S + 1 + k, z_k symbol 2S + 1 + k, and kept tensors from 3S + 1 on."""
 
     timestep: float
     input_scale: float  # x_in = x_k * input_scale
@@ -93,9 +93,9 @@ def linear_run(name: str, config: Mapping[str, Any], steps: int, start_step: int
     not linear, the reason. UsageError where `denoise` would raise one.
 
     `keep_terms`: a tensor the scheduler keeps in its state whose row has more terms than this
-    becomes a symbol of its own (from 7S + 1 on), made by the step that made it (`derived`), so
-    that later rows stay short: UniPC's corrected sample otherwise expands into every earlier
-    tensor. Plans (`sampling_plan`) keep none: hosts run only their rows."""
+    becomes a symbol of its own (3S + 1 and on, up to 4 a step), listed as `derived` by the step
+    that made it, so that later rows stay short: UniPC's corrected sample otherwise expands into
+    every earlier tensor. Plans (`sampling_plan`) keep none: hosts run only their rows."""
     _sampler(name)  # UsageError for an unknown name
     reason = _nonlinear_reason(name, config)
     if reason is not None:
