@@ -127,6 +127,9 @@ def test_errors_are_denoise_errors():
     plan = linear_loop.compile_plan("euler_ancestral", SD15, 4, 0, GUIDANCE)
     with pytest.raises(UsageError, match="this run draws noise: pass rng"):
         linear_loop.run(plan, np.zeros(SHAPE, np.float32), lambda sample, k: sample, None, lambda *args: None)
+    with pytest.raises(UsageError, match=r"returned shape \(1, 4, 8, 8\) for input \(4, 4, 8, 8\)"):
+        linear_loop.run(plan, np.zeros(SHAPE, np.float32), lambda sample, k: sample[:1], PortableNoise(0),
+                        lambda *args: None)
 
 
 def test_compiled_plans_are_reused():

@@ -206,6 +206,9 @@ def run(plan: CompiledPlan, latents: np.ndarray, unet: Callable[[np.ndarray, int
     total = len(plan.steps)
     for k, step in enumerate(plan.steps):
         out = unet(unet_input, k)
+        if out.shape != unet_input.shape:
+            raise UsageError(f"the model returned shape {out.shape} for input {unet_input.shape}; "
+                             "it must return one prediction per latent element")
         if step.output_slot is not None:
             history[step.output_slot : step.output_slot + plan.copies] = out.reshape(plan.copies, -1)
         if step.draws:
