@@ -20,7 +20,15 @@ import numpy as np
 
 from sdport.runtime.schedulers import schedules as S
 from sdport.runtime.schedulers.dpm_solver import multistep_sigmas
-from sdport.runtime.schedulers.sampler import Sampler, add_noise_vp, at_defaults, identity_input, vp_alpha_sigma, x0_from_vp
+from sdport.runtime.schedulers.sampler import (
+    Sampler,
+    add_noise_vp,
+    at_defaults,
+    identity_input,
+    vp_alpha_sigma,
+    vp_lambda,
+    x0_from_vp,
+)
 from sdport.runtime.schedulers.schedules import F32, LINEAR_BETAS, Config, Schedule
 
 _DEFAULTS = {
@@ -82,17 +90,15 @@ def _log_rho_coefficient(t: np.float32, b: np.float32, c: np.float32, d: np.floa
 
 def deis_step(cfg: Config, sch: Schedule, i: int, out: np.ndarray, x: np.ndarray, state: DEISState, rng: None):
     order_max = cfg["solver_order"]
-    alpha_s, sigma_s = vp_alpha_sigma(sch.sigmas[i])
+    alpha_s, sigma_s, lambda_s = vp_lambda(sch.sigmas[i])
     # diffusers turns every prediction type into eps through x0, and keeps the eps
     eps = (x - alpha_s * x0_from_vp(cfg["prediction_type"], out, x, sch.sigmas[i])) / sigma_s
     history = (*state.eps, eps)[-order_max:]
     steps_left = len(sch.timesteps) - i
     final = cfg["lower_order_final"] and len(sch.timesteps) < _LOWER_ORDER_FINAL_BELOW
     order = min(order_max, state.lower_order_nums + 1, steps_left if final else order_max)
-    alpha_t, sigma_t = vp_alpha_sigma(sch.sigmas[i + 1])
+    alpha_t, sigma_t, lambda_t = vp_lambda(sch.sigmas[i + 1])
     if order == 1:
-        lambda_t = np.log(alpha_t) - np.log(sigma_t)
-        lambda_s = np.log(alpha_s) - np.log(sigma_s)
         x_next = (alpha_t / alpha_s) * x - (sigma_t * (np.exp(lambda_t - lambda_s) - 1.0)) * eps
     else:
         rho_t = sigma_t / alpha_t
