@@ -219,16 +219,19 @@ def worker_t2i_sdport(folder: str, size: int, steps: int, png: str, warm: int, l
     from sdport.runtime.sessions import Graph
 
     # Time inside onnxruntime during denoising: the rest of a step is scheduler + Python overhead.
-    # (CUDA runs go through run_with_iobinding, CPU ones through run.) Graph.run's time around
-    # it splits that overhead: its casts and host <-> device copies, and the rest of the loop.
-    # The loop is timed from its first Graph.run, as diffusers' from its first UNet call: the
-    # set-up before it (the schedule, the session) is not counted against either side.
+    # (CUDA runs go through run_with_iobinding, CPU ones through run.) Where the loop runs the
+    # UNet through Graph.run (on a GPU; on CPU the compiled loop calls onnxruntime itself), its
+    # time around onnxruntime splits that overhead: its casts and host <-> device copies, and the
+    # rest of the loop. The loop is timed from its first UNet run, as diffusers' from its first
+    # UNet call: the set-up before it (the schedule, the session) is not counted against either side.
     inside = {"on": False, "times": [], "graph_times": [], "first_run_at": None}
 
     def timed(run, times: list[float]):
         """`run`, with each call's time appended to `times` while a denoising loop runs."""
         def timed_run(self, *args, **kwargs):
             t = time.perf_counter()
+            if inside["on"] and inside["first_run_at"] is None:
+                inside["first_run_at"] = t
             try:
                 return run(self, *args, **kwargs)
             finally:
@@ -238,14 +241,7 @@ def worker_t2i_sdport(folder: str, size: int, steps: int, png: str, warm: int, l
 
     ort.InferenceSession.run = timed(ort.InferenceSession.run, inside["times"])
     ort.InferenceSession.run_with_iobinding = timed(ort.InferenceSession.run_with_iobinding, inside["times"])
-    graph_run = timed(Graph.run, inside["graph_times"])
-
-    def first_marked_graph_run(self, *args, **kwargs):
-        if inside["on"] and inside["first_run_at"] is None:
-            inside["first_run_at"] = time.perf_counter()
-        return graph_run(self, *args, **kwargs)
-
-    Graph.run = first_marked_graph_run
+    Graph.run = timed(Graph.run, inside["graph_times"])
     denoise = Pipeline._denoise
     loops = []
 
@@ -261,7 +257,7 @@ def worker_t2i_sdport(folder: str, size: int, steps: int, png: str, warm: int, l
             start = inside["first_run_at"] or entered  # no run: it failed before the first
             loops.append({"loop_s": time.perf_counter() - start, "unet_s": sum(inside["times"]),
                           "evals": len(inside["times"]), "eval_times_s": list(inside["times"]),
-                          "graph_s": sum(inside["graph_times"])})
+                          **({"graph_s": sum(inside["graph_times"])} if inside["graph_times"] else {})})
             inside["on"] = False
 
     Pipeline._denoise = timed_denoise

@@ -213,14 +213,12 @@ def rename_input(path: Path, old: str, new: str) -> None:
     onnx.save(model, str(path))
 
 
-def test_graph_with_wrong_input_names_is_refused_at_load(model, tmp_path, capsys, monkeypatch):
+def test_graph_with_wrong_input_names_is_refused_at_load(model, tmp_path, capsys, session_runs):
     edit_manifest(model, lambda d: d["graphs"]["unet"].update(sha256={}))
     rename_input(model / "unet" / "model.onnx", "sample", "x")
-    runs = []
-    monkeypatch.setattr(sessions.Graph, "run", lambda self, feeds, last=False: runs.append(self.name))
     code = generate(model, tmp_path / "x.png")
     one_line_error(capsys, code, "unet: unet/model.onnx has no input 'sample' (it has 'x',")
-    assert runs == []  # refused at load, before any graph ran
+    assert session_runs.runs == []  # refused at load, before any graph ran
 
 
 def test_manifest_latent_channels_disagree_with_the_graph(model, tmp_path, capsys):
@@ -354,23 +352,17 @@ def test_write_failure_at_the_end_is_one_line(tiny_onnx_dir, tmp_path, capsys, m
     assert list(tmp_path.iterdir()) == []  # the temporary PNG is gone too
 
 
-def poison(monkeypatch, component: str, value=np.nan, at_run: int = 1, exception=None) -> None:
+def poison(session_runs, component: str, value=np.nan, at_run: int = 1, exception=None) -> None:
     """Makes `component`'s graph return `value` everywhere (or raise) from its `at_run`-th run on."""
-    real = sessions.Graph.run
-    runs = {"n": 0}
 
-    def run(self, feeds, last=False):
-        out = real(self, feeds, last=last)
-        if self.name != component:
-            return out
-        runs["n"] += 1
-        if runs["n"] < at_run:
-            return out
+    def alter(graph, outputs):
+        if graph != component or len(session_runs.of(component)) < at_run:
+            return None
         if exception is not None:
             raise exception
-        return {k: np.full_like(v, value) for k, v in out.items()}
+        return {name: np.full_like(v, value) for name, v in outputs.items()}
 
-    monkeypatch.setattr(sessions.Graph, "run", run)
+    session_runs.alter = alter
 
 
 @pytest.mark.parametrize(
@@ -385,15 +377,15 @@ def poison(monkeypatch, component: str, value=np.nan, at_run: int = 1, exception
 # The one line is all the user sees: a NumPy warning on the way (printed with its source line
 # before the error) fails the test.
 @pytest.mark.filterwarnings("error::RuntimeWarning")
-def test_nan_is_reported_not_written_as_black(tiny_onnx_dir, tmp_path, capsys, monkeypatch, component, value, message):
-    poison(monkeypatch, component, value, at_run=2 if component == "unet" else 1)
+def test_nan_is_reported_not_written_as_black(tiny_onnx_dir, tmp_path, capsys, session_runs, component, value, message):
+    poison(session_runs, component, value, at_run=2 if component == "unet" else 1)
     code = generate(tiny_onnx_dir, tmp_path / "x.png", "--num-images", "2", "--steps", "3")
     one_line_error(capsys, code, message)
     assert no_pngs(tmp_path)
 
 
-def test_ctrl_c_during_generate(tiny_onnx_dir, tmp_path, capsys, monkeypatch):
-    poison(monkeypatch, "unet", at_run=2, exception=KeyboardInterrupt())
+def test_ctrl_c_during_generate(tiny_onnx_dir, tmp_path, capsys, session_runs):
+    poison(session_runs, "unet", at_run=2, exception=KeyboardInterrupt())
     assert generate(tiny_onnx_dir, tmp_path / "x.png") == EXIT_INTERRUPTED
     assert capsys.readouterr().err == "sdport: interrupted\n"
     assert list(tmp_path.iterdir()) == []
@@ -496,40 +488,29 @@ def test_live_exports_partial_folder_is_kept(tmp_path):
 
 @pytest.mark.parametrize("scheduler", schedulers.available())
 @pytest.mark.parametrize("value", [np.nan, np.inf])
-def test_one_bad_unet_value_is_named_by_every_scheduler(tiny_onnx_dir, monkeypatch, scheduler, value):
+def test_one_bad_unet_value_is_named_by_every_scheduler(tiny_onnx_dir, session_runs, scheduler, value):
     """The pipeline checks only the latents after each step and names the UNet when its output
     was bad: so every scheduler must carry a single NaN or inf (here in the unconditional half)
     into the latents of the step that evaluated it."""
-    real = sessions.Graph.run
-    runs = {"n": 0}
 
-    def run(self, feeds, last=False):
-        out = real(self, feeds, last=last)
-        if self.name == "unet":
-            runs["n"] += 1
-            if runs["n"] == 2:
-                out["out_sample"] = out["out_sample"].copy()
-                out["out_sample"][0, 1, 2, 3] = value
-        return out
+    def alter(graph, outputs):
+        if graph == "unet" and len(session_runs.of("unet")) == 2:
+            out = outputs["out_sample"].copy()
+            out[0, 1, 2, 3] = value
+            return {"out_sample": out}
+        return None
 
-    monkeypatch.setattr(sessions.Graph, "run", run)
+    session_runs.alter = alter
     pipe = Pipeline.load(tiny_onnx_dir, provider="cpu")
     with pytest.raises(SdportError, match="unet: output has NaN or inf at step 2 "):
         pipe.generate("a fox", steps=3, scheduler=scheduler, seed=0, progress=False)
 
 
-def test_huge_finite_latents_are_not_called_nan(tiny_onnx_dir, monkeypatch):
+def test_huge_finite_latents_are_not_called_nan(tiny_onnx_dir, session_runs):
     """The per-step check is x . x, which overflows float32 past |x| ~ 1e19; the full check then
     finds every value finite, and the loop goes on."""
-    real = sessions.Graph.run
-
-    def run(self, feeds, last=False):
-        out = real(self, feeds, last=last)
-        if self.name == "unet":
-            out["out_sample"] = np.full_like(out["out_sample"], 1e21)
-        return out
-
-    monkeypatch.setattr(sessions.Graph, "run", run)
+    session_runs.alter = lambda graph, outputs: (
+        {"out_sample": np.full_like(outputs["out_sample"], 1e21)} if graph == "unet" else None)
     seen = []
     pipe = Pipeline.load(tiny_onnx_dir, provider="cpu")
     with np.errstate(over="ignore", invalid="ignore"):

@@ -132,6 +132,27 @@ def test_errors_are_denoise_errors():
                         lambda *args: None)
 
 
+@pytest.mark.parametrize("bad, in_output", [(np.nan, True), (np.inf, True), (3e38, False)])
+def test_non_finite_latents_stop_the_loop_at_their_step(bad, in_output):
+    """NaN or inf in x_k+1 stops the loop after evaluation k, saying whether the model's output had
+    them too (halves of -3e38 and 3e38 are finite, but their guided sum, 14 x 3e38, is not)."""
+    plan = linear_loop.compile_plan("euler", SD15, 6, 0, GUIDANCE)
+    loop = linear_loop.Loop(plan, SHAPE)
+    seen = []
+
+    def model(k):
+        out = np.full(loop.unet_input.shape, bad if k == 2 else 0.1, np.float32)
+        out[: len(out) // 2] *= -1  # the unconditional half
+        return out
+
+    with np.errstate(over="ignore", invalid="ignore"), pytest.raises(linear_loop.NotFinite) as caught:
+        loop.run(PortableNoise(0).standard_normal(SHAPE), model, None, lambda k, total, x: seen.append(k))
+    assert (caught.value.k, caught.value.in_output) == (2, in_output)
+    assert seen == [0, 1]
+    with pytest.raises(UsageError, match=r"latents of shape \(1, 4, 8, 8\) for a loop made for \(2, 4, 8, 8\)"):
+        loop.run(np.zeros((1, 4, 8, 8), np.float32), model, None)
+
+
 def test_compiled_plans_are_reused():
     first = linear_loop.compile_plan("dpmpp_2m", SD15, 20, 0, GUIDANCE)
     assert linear_loop.compile_plan("dpmpp_2m", dict(SD15), 20, 0, GUIDANCE) is first

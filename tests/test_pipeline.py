@@ -142,8 +142,8 @@ def test_linear_runs_are_compiled_and_the_rest_take_the_step_functions(pipe, ref
     below holds the step functions' path to diffusers); UniPC past 6 steps keeps its corrected
     sample as a tensor of its own, and matches diffusers too."""
     paths = []
-    compiled, stepped = linear_loop.run, schedulers.denoise
-    monkeypatch.setattr(linear_loop, "run", lambda *a, **k: paths.append("compiled") or compiled(*a, **k))
+    compiled, stepped = linear_loop.Loop.run, schedulers.denoise
+    monkeypatch.setattr(linear_loop.Loop, "run", lambda *a, **k: paths.append("compiled") or compiled(*a, **k))
     monkeypatch.setattr(schedulers, "denoise", lambda *a, **k: paths.append("steps") or stepped(*a, **k))
     pipe.generate(PROMPT, steps=STEPS, scheduler="euler_ancestral", seed=1, output="np", progress=False)
     pipe.generate(PROMPT, steps=STEPS, guidance_rescale=0.5, seed=1, output="np", progress=False)
@@ -161,13 +161,10 @@ def test_batch_of_two_and_non_square(pipe, reference, monkeypatch):
     compare(ours, theirs, "txt2img batch 2, 96x64, euler_ancestral")
 
 
-def test_guidance_one_skips_the_unconditional_branch(pipe, reference, monkeypatch):
-    calls = []
-    unet = pipe._graphs["unet"]
-    original = unet.run
-    monkeypatch.setattr(unet, "run", lambda feeds, last=False: calls.append(feeds["sample"].shape[0]) or original(feeds, last=last))
+def test_guidance_one_skips_the_unconditional_branch(pipe, reference, monkeypatch, session_runs):
     ours, theirs = run_both(pipe, reference, monkeypatch, "ddim", guidance=1.0)
-    assert set(calls) == {1}, "guidance 1 must run the UNet on the positive prompt only"
+    batches = {feeds["sample"].shape[0] for _, feeds, _ in session_runs.of("unet")}
+    assert batches == {1}, "guidance 1 must run the UNet on the positive prompt only"
     compare(ours, theirs, "txt2img guidance 1.0 ddim")
 
 
@@ -406,27 +403,17 @@ def test_seeds_reproduce_image_by_image(pipe):
 
 
 @pytest.mark.parametrize("scheduler, steps, image", [("euler", 4, False), ("heun", 3, False), ("pndm", 4, True)])
-def test_working_memory_is_released_after_the_last_run_of_each_graph(pipe, monkeypatch, scheduler, steps, image):
+def test_working_memory_is_released_after_the_last_run_of_each_graph(pipe, session_runs, scheduler, steps, image):
     """The text encoder's run and the final UNet evaluation (heun: 2N - 1 of them; image-to-image:
     only the remaining ones) are marked `last`, so the arena is freed before the VAE runs."""
-    from sdport.runtime.sessions import Graph
-
-    calls = []
-    run = Graph.run
-
-    def spy(self, feeds, last=False):
-        calls.append((self.name, last))
-        return run(self, feeds, last=last)
-
-    monkeypatch.setattr(Graph, "run", spy)
     totals = []
     source = Image.new("RGB", (64, 64), (120, 80, 40)) if image else None
     pipe.generate(PROMPT, steps=steps, scheduler=scheduler, image=source, strength=0.5, progress=False,
                   callback=lambda i, total, x: totals.append(total))
-    unet = [last for name, last in calls if name == "unet"]
+    unet = [last for _, _, last in session_runs.of("unet")]
     assert len(unet) == totals[0] == len(totals)
     assert unet == [False] * (len(unet) - 1) + [True]
-    assert ("text_encoder", True) in calls
+    assert [last for _, _, last in session_runs.of("text_encoder")] == [True]
 
 
 def test_vae_encoder_session_is_made_at_the_first_image_to_image_call(tiny_onnx_dir, tmp_path):

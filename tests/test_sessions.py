@@ -65,6 +65,29 @@ def test_device_runs_give_what_session_run_gives(tiny_onnx_dir, monkeypatch):
     assert [key[1][1][2] for key in runs.slots] == [12, 8]  # sample's height: 16 was dropped
 
 
+@pytest.mark.parametrize("sample_dtype", [np.float32, np.float64])
+def test_repeated_runs_give_what_graph_run_gives(tiny_onnx_dir, session_runs, sample_dtype):
+    """Graph.repeated reads its fixed inputs at each run, as they are then (the loop rewrites the
+    sample in place), whether it runs onnxruntime directly (a float32 sample) or through Graph.run
+    (a float64 one, which Graph.run must cast at each run); only its last run releases memory."""
+    from sdport.runtime.sessions import Graph
+
+    graph = Graph("unet", tiny_onnx_dir / "unet" / "model.onnx", "cpu", fused=True)
+    rng = np.random.default_rng(0)
+    sample = np.empty((2, 4, 8, 8), dtype=sample_dtype)
+    text = rng.standard_normal((2, 77, 32), dtype=np.float32)
+    timesteps = [981.0, 501.0, 21.0]
+    run = graph.repeated("out_sample", {"sample": sample, "encoder_hidden_states": text},
+                         [{"timestep": np.array(t, dtype=np.float32)} for t in timesteps])
+    for k, t in enumerate(timesteps):
+        sample[...] = rng.standard_normal(sample.shape)
+        got = run(k)
+        assert [last for _, _, last in session_runs.runs] == [k == len(timesteps) - 1]  # one run, last once
+        expected = graph.run({"sample": sample, "timestep": np.float32(t), "encoder_hidden_states": text})["out_sample"]
+        np.testing.assert_array_equal(got, expected)
+        session_runs.runs.clear()
+
+
 @pytest.mark.skipif(
     "CUDAExecutionProvider" not in HAVE,
     reason="CUDAExecutionProvider not installed (needs onnxruntime-gpu and an NVIDIA GPU)",
@@ -218,10 +241,10 @@ def test_request_checks(tiny_onnx_dir):
         pipe.generate("a fox", image=image, strength=0.05, steps=10, progress=False)
 
 
-def test_nan_from_a_component_names_it(tiny_onnx_dir, monkeypatch):
+def test_nan_from_a_component_names_it(tiny_onnx_dir, session_runs):
     pipe = Pipeline.load(tiny_onnx_dir, provider="cpu")
-    unet = pipe._graphs["unet"]
-    monkeypatch.setattr(unet, "run", lambda feeds, last=False: {"out_sample": np.full(feeds["sample"].shape, np.nan, np.float32)})
+    session_runs.alter = lambda graph, outputs: (
+        {"out_sample": np.full_like(outputs["out_sample"], np.nan)} if graph == "unet" else None)
     from sdport.errors import SdportError
 
     with pytest.raises(SdportError, match="unet: output has NaN or inf at step 1"):

@@ -4,9 +4,10 @@ Every scheduler step is linear in the samples, model outputs and noise seen so f
 so is classifier-free guidance, e = u + g (t - u) of the UNet's unconditional and text halves. So
 for a fixed scheduler config, step count, start and guidance, each step's new sample x_k+1 is one
 [slots] @ [slots, latents] product over the few tensors later steps still read ("slots": rows of
-one float64 array), and the next UNet input is x_k+1 * input_scale. A step then costs five NumPy
-calls around the UNet's run, where a scheduler's step function and the guidance took 20-30: on a
-small model, whose UNet runs in a millisecond or two, those calls were 2-3% of a step.
+one float64 array), and the next UNet input is x_k+1 * input_scale, written into the buffer the
+UNet reads (Loop.unet_input, one feed for every run: Graph.repeated). A step then costs five
+NumPy calls around the UNet's run, where a scheduler's step function and the guidance took 20-30:
+on a small model, whose UNet runs in a millisecond or two, those calls were 2-3% of a step.
 
 The arithmetic is the plan's (docs/CONTRACT.md, "The same loop with fewer operations"): float64
 sums of float32 tensors, each sample rounded to float32 once, but in the order BLAS picks and with
@@ -19,6 +20,7 @@ and guidance_rescale, which divides by standard deviations, are not compiled: th
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -181,50 +183,101 @@ def _padded(mix: np.ndarray, width: int) -> np.ndarray:
     return padded
 
 
-def run(plan: CompiledPlan, latents: np.ndarray, unet: Callable[[np.ndarray, int], np.ndarray],
-        rng: NoiseSource | None, callback: Callable[[int, int, np.ndarray], None]) -> np.ndarray:
-    """The denoised latents (float32, the latents' shape) from unit-variance `latents` (or, when
-    the plan starts mid-schedule, noised latents).
+class NotFinite(Exception):
+    """x_k+1 has NaN or inf after evaluation k; `in_output`: so has that evaluation's model output."""
 
-    `unet(sample, k)`: the UNet's raw output for evaluation k, [copies * B, ...] ([uncond, text]
-    with guidance) for `sample` [copies * B, ...] float32, which it must not keep (its buffer is
-    reused). `rng.standard_normal(shape, dtype=np.float32)` is called at each draw, as `denoise`
-    calls it. `callback(k, total, x_k+1)` after each evaluation.
+    def __init__(self, k: int, in_output: bool) -> None:
+        super().__init__(f"NaN or inf after evaluation {k}" + (" (in the model's output)" if in_output else ""))
+        self.k, self.in_output = k, in_output
+
+
+def has_non_finite(x: np.ndarray) -> bool:
+    """Whether float32 `x` holds NaN or inf. x . x is inf or NaN where any element is, in a third of
+    isfinite().all()'s time; past |x| ~ 1e19 it overflows, and the full check decides."""
+    return not math.isfinite(np.vdot(x, x)) and not np.isfinite(x).all()
+
+
+class Loop:
+    """A compiled plan's run on latents of one shape.
+
+    `unet_input`: the UNet's input, [copies * B, ...] float32, rewritten in place before each
+    evaluation, so that a session can take it as the same feed at every run (Graph.repeated).
     """
-    if rng is None and any(step.draws for step in plan.steps):
-        raise UsageError("this run draws noise: pass rng, e.g. PortableNoise(seed)")
-    shape = latents.shape
-    x = np.asarray(latents, dtype=np.float32) * np.float32(plan.x0_scale)
-    history = np.zeros((plan.slots, x.size))  # zeros: a coefficient 0 times unwritten memory could be NaN
-    if plan.x0_slot is not None:
-        history[plan.x0_slot] = x.ravel()
-    sample = np.empty((plan.copies, x.size), dtype=np.float32)
-    # x_in = x * input_scale in float32, as a scheduler's scale_input: in float64, as the plan's
-    # hosts do, the cast into float32 took 2 us more a step (one ulp apart at most)
-    np.multiply(x.ravel(), np.float32(plan.input_scale), out=sample)
-    unet_input = sample.reshape((plan.copies * shape[0], *shape[1:]))
-    total = len(plan.steps)
-    for k, step in enumerate(plan.steps):
-        out = unet(unet_input, k)
-        if out.shape != unet_input.shape:
-            raise UsageError(f"the model returned shape {out.shape} for input {unet_input.shape}; "
-                             "it must return one prediction per latent element")
-        if step.output_slot is not None:
-            history[step.output_slot : step.output_slot + plan.copies] = out.reshape(plan.copies, -1)
-        if step.draws:
-            z = rng.standard_normal(shape, dtype=np.float32)
-            if step.noise_slot is not None:
-                history[step.noise_slot] = z.ravel()
-        # A vector-matrix product: BLAS's matrix-matrix one packs the history first, which at SD's
-        # latents took twice as long.
-        made = [(slot, mix @ history) for mix, slot in step.derived]
-        x = (step.mix @ history).astype(np.float32)
-        for slot, value in made:
-            history[slot] = value
-        if step.sample_slot is not None:
-            history[step.sample_slot] = x
-        if step.next_input_scale is not None:
-            np.multiply(x, step.next_input_scale, out=sample)
-        x = x.reshape(shape)
-        callback(k, total, x)
-    return x
+
+    def __init__(self, plan: CompiledPlan, shape: tuple[int, ...]) -> None:
+        self.plan, self.shape = plan, shape
+        self._sample = np.empty((plan.copies, *shape), dtype=np.float32)
+        self.unet_input = self._sample.reshape((plan.copies * shape[0], *shape[1:]))
+
+    def run(self, latents: np.ndarray, unet: Callable[[int], np.ndarray], rng: NoiseSource | None,
+            callback: Callable[[int, int, np.ndarray], None] | None = None) -> np.ndarray:
+        """The denoised latents (float32, the latents' shape) from unit-variance `latents` (or,
+        when the plan starts mid-schedule, noised latents).
+
+        `unet(k)`: the UNet's raw output for evaluation k on `unet_input`, of its shape ([uncond,
+        text] with guidance); the loop may keep it until the next call. `rng.standard_normal(shape,
+        dtype=np.float32)` is called at each draw, as `denoise` calls it. `callback(k, total,
+        x_k+1)` after each evaluation. NotFinite where x_k+1 has NaN or inf.
+        """
+        plan, shape, sample, unet_input = self.plan, self.shape, self._sample, self.unet_input
+        if rng is None and any(step.draws for step in plan.steps):
+            raise UsageError("this run draws noise: pass rng, e.g. PortableNoise(seed)")
+        if latents.shape != shape:
+            raise UsageError(f"latents of shape {latents.shape} for a loop made for {shape}")
+        x = np.asarray(latents, dtype=np.float32) * np.float32(plan.x0_scale)
+        history = np.zeros((plan.slots, x.size))  # zeros: a coefficient 0 times unwritten memory could be NaN
+        if plan.x0_slot is not None:
+            history[plan.x0_slot] = x.ravel()
+        # x_in = x * input_scale in float32, as a scheduler's scale_input: in float64, as the plan's
+        # hosts do, the cast into float32 took 2 us more a step (one ulp apart at most)
+        np.multiply(x, np.float32(plan.input_scale), out=sample)
+        # Each slot's row, and the UNet output's rows from each slot, as views of the shapes stored
+        # there, and x_k+1 made in one float64 buffer: after a UNet run each NumPy call here costs
+        # 1-5 us, slicing and reshaping included (a tiny model's step is 1.5 ms).
+        rows = [row.reshape(shape) for row in history]
+        output_rows = {step.output_slot: history[step.output_slot : step.output_slot + plan.copies].reshape(unet_input.shape)
+                       for step in plan.steps if step.output_slot is not None}
+        made = np.empty(shape)
+        made_flat = made.reshape(-1)
+        total = len(plan.steps)
+        for k, step in enumerate(plan.steps):
+            out = unet(k)
+            # A graph's output shape follows its input's, which is the same at every step.
+            if k == 0 and out.shape != unet_input.shape:
+                raise UsageError(f"the model returned shape {out.shape} for input {unet_input.shape}; "
+                                 "it must return one prediction per latent element")
+            if step.output_slot is not None:
+                output_rows[step.output_slot][...] = out
+            if step.draws:
+                z = rng.standard_normal(shape, dtype=np.float32)
+                if step.noise_slot is not None:
+                    rows[step.noise_slot][...] = z
+            # A vector-matrix product: BLAS's matrix-matrix one packs the history first, which at
+            # SD's latents took twice as long.
+            if step.derived:  # they may overwrite rows that made reads: made first
+                kept = [(slot, np.dot(mix, history)) for mix, slot in step.derived]
+                np.dot(step.mix, history, out=made_flat)
+                for slot, value in kept:
+                    history[slot] = value
+            else:
+                np.dot(step.mix, history, out=made_flat)
+            x = made.astype(np.float32)
+            # Every step folds the model's output into x_k+1, and NaN or inf survive that
+            # arithmetic, so this one check covers both; the output is looked at only to say which.
+            if has_non_finite(x):
+                raise NotFinite(k, not np.isfinite(out).all())
+            if step.sample_slot is not None:
+                rows[step.sample_slot][...] = x
+            if step.next_input_scale is not None:
+                np.multiply(x, step.next_input_scale, out=sample)
+            if callback is not None:
+                callback(k, total, x)
+        return x
+
+
+def run(plan: CompiledPlan, latents: np.ndarray, unet: Callable[[np.ndarray, int], np.ndarray],
+        rng: NoiseSource | None, callback: Callable[[int, int, np.ndarray], None] | None = None) -> np.ndarray:
+    """Loop(plan, latents.shape).run(latents, ...) with `unet(sample, k)`: the UNet's raw output for
+    evaluation k on `sample` (Loop's unet_input), which it must not keep."""
+    loop = Loop(plan, latents.shape)
+    return loop.run(latents, lambda k: unet(loop.unet_input, k), rng, callback)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -528,52 +527,59 @@ class Pipeline:
             unet.keep_on_device("encoder_hidden_states", embeddings)
             timestep_port = unet.input("timestep")
 
-            def run_unet(sample: np.ndarray, timestep: np.ndarray, t: float) -> np.ndarray:
-                """The UNet's raw output for `sample` ([uncond, text] halves when guided)."""
-                out = unet.run({"sample": sample, "timestep": timestep, "encoder_hidden_states": embeddings},
-                               last=current["step"] + 1 == evaluations)["out_sample"]
-                current["out"], current["timestep"] = out, t
-                return out
-
             def model(x_in: np.ndarray, t: Any) -> np.ndarray:
+                """The UNet's output for `x_in`, guided."""
                 sample = np.concatenate([x_in, x_in]) if guided else x_in  # [2B | B, C, h, w]
-                out = run_unet(sample, self._timestep(timestep_port, t, name), t)
+                feeds = {"sample": sample, "timestep": self._timestep(timestep_port, t, name),
+                         "encoder_hidden_states": embeddings}
+                out = unet.run(feeds, last=current["step"] + 1 == evaluations)["out_sample"]
+                current["out"], current["timestep"] = out, t
                 if not guided:
                     return out
                 uncond, text = out[:count], out[count:]
                 guided_out = uncond + guidance * (text - uncond)
                 return _rescaled(guided_out, text, guidance_rescale) if guidance_rescale else guided_out
 
-            def on_step(step: int, total: int, latents: np.ndarray) -> None:
-                # Every scheduler folds the UNet's output into the latents of the same step, and NaN
-                # or inf survive that arithmetic, so one check here covers both; the UNet's output
-                # is looked at only to name the culprit (one check less per step: 5 us of a tiny
-                # model's 1.5 ms step). x . x is inf or NaN where any element is, in a third of
-                # isfinite().all()'s time; past |x| ~ 1e19 it overflows, and the full check decides.
-                if not math.isfinite(np.vdot(latents, latents)) and not np.isfinite(latents).all():
-                    if not np.isfinite(current["out"]).all():
-                        raise SdportError(
-                            f"unet: output has NaN or inf at step {step + 1} (timestep {float(current['timestep']):g}); "
-                            f"with an fp16 export try --provider cpu or an fp32 export"
-                        )
-                    raise SdportError(f"{name}: latents have NaN or inf after step {step + 1} of {total}")
-                current["step"] = step + 1
+            def not_finite(step: int, total: int, in_output: bool, timestep: float) -> SdportError:
+                if in_output:
+                    return SdportError(
+                        f"unet: output has NaN or inf at step {step + 1} (timestep {float(timestep):g}); "
+                        f"with an fp16 export try --provider cpu or an fp32 export"
+                    )
+                return SdportError(f"{name}: latents have NaN or inf after step {step + 1} of {total}")
+
+            def report(step: int, total: int, latents: np.ndarray) -> None:
                 if bar is not None:
                     bar.update(1)
                 if callback is not None:
                     callback(step, total, latents)
 
-            # A UNet that gives NaN or inf is reported by on_step in one line; NumPy's own warnings
-            # about the guidance and scheduler arithmetic on those values would come first, with a
-            # source line each, so they are off for the loop.
+            def on_step(step: int, total: int, latents: np.ndarray) -> None:
+                # As linear_loop checks: after the scheduler has folded the UNet's output in.
+                if linear_loop.has_non_finite(latents):
+                    raise not_finite(step, total, not np.isfinite(current["out"]).all(), current["timestep"])
+                current["step"] = step + 1
+                report(step, total, latents)
+
+            # A UNet that gives NaN or inf is reported in one line; NumPy's own warnings about the
+            # guidance and scheduler arithmetic on those values would come first, with a source
+            # line each, so they are off for the loop.
             try:
                 with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
                     if plan is None:
                         return schedulers.denoise(
                             name, config, model, x, steps, rng=noise_source, start_step=start_step, callback=on_step,
                         )
-                    feeds = [(self._timestep(timestep_port, step.timestep, name), step.timestep) for step in plan.steps]
-                    return linear_loop.run(plan, x, lambda sample, k: run_unet(sample, *feeds[k]), noise_source, on_step)
+                    # The compiled loop's input buffer is the same feed at every run, and the
+                    # timesteps are cast here once: each step is one onnxruntime call.
+                    loop = linear_loop.Loop(plan, x.shape)
+                    each = [{"timestep": self._timestep(timestep_port, step.timestep, name)} for step in plan.steps]
+                    unet_run = unet.repeated(
+                        "out_sample", {"sample": loop.unet_input, "encoder_hidden_states": embeddings}, each)
+                    try:
+                        return loop.run(x, unet_run, noise_source, report if progress or callback else None)
+                    except linear_loop.NotFinite as bad:
+                        raise not_finite(bad.k, len(plan.steps), bad.in_output, plan.steps[bad.k].timestep) from None
             finally:
                 unet.release_device()
 
