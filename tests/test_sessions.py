@@ -65,14 +65,18 @@ def test_device_runs_give_what_session_run_gives(tiny_onnx_dir, monkeypatch):
     assert [key[1][1][2] for key in runs.slots] == [12, 8]  # sample's height: 16 was dropped
 
 
-@pytest.mark.parametrize("sample_dtype", [np.float32, np.float64])
-def test_repeated_runs_give_what_graph_run_gives(tiny_onnx_dir, session_runs, sample_dtype):
+@pytest.mark.parametrize("sample_dtype, through_graph_run", [(np.float32, False), (np.float64, True)])
+def test_repeated_runs_give_what_graph_run_gives(tiny_onnx_dir, session_runs, monkeypatch, sample_dtype,
+                                                 through_graph_run):
     """Graph.repeated reads its fixed inputs at each run, as they are then (the loop rewrites the
     sample in place), whether it runs onnxruntime directly (a float32 sample) or through Graph.run
     (a float64 one, which Graph.run must cast at each run); only its last run releases memory."""
     from sdport.runtime.sessions import Graph
 
     graph = Graph("unet", tiny_onnx_dir / "unet" / "model.onnx", "cpu", fused=True)
+    graph_runs = []
+    real_run = Graph.run
+    monkeypatch.setattr(Graph, "run", lambda self, feeds, last=False: graph_runs.append(last) or real_run(self, feeds, last))
     rng = np.random.default_rng(0)
     sample = np.empty((2, 4, 8, 8), dtype=sample_dtype)
     text = rng.standard_normal((2, 77, 32), dtype=np.float32)
@@ -83,9 +87,11 @@ def test_repeated_runs_give_what_graph_run_gives(tiny_onnx_dir, session_runs, sa
         sample[...] = rng.standard_normal(sample.shape)
         got = run(k)
         assert [last for _, _, last in session_runs.runs] == [k == len(timesteps) - 1]  # one run, last once
+        assert graph_runs == ([k == len(timesteps) - 1] if through_graph_run else [])
         expected = graph.run({"sample": sample, "timestep": np.float32(t), "encoder_hidden_states": text})["out_sample"]
         np.testing.assert_array_equal(got, expected)
         session_runs.runs.clear()
+        graph_runs.clear()
 
 
 @pytest.mark.skipif(
