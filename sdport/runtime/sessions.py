@@ -263,7 +263,8 @@ class Graph:
         if (self._device_runs is not None or self._fp16_outputs
                 or any(fixed_cast[name] is not value for name, value in fixed.items())):
             return lambda k: self.run({**fixed, **each[k]}, k == last)[output]
-        feeds = [self._cast({**fixed, **one}, self.inputs) for one in each]
+        varying = [port for port in self.inputs if port.name not in fixed]
+        feeds = [{**fixed_cast, **self._cast(one, varying)} for one in each]
         names, session_run, release_options = [output], self.session.run, self._release_options
 
         def run(k: int) -> np.ndarray:
