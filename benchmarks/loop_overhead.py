@@ -5,8 +5,8 @@
 
 bench_sd.py's overhead row with less noise, for comparing versions of the loop: one process per
 tree and round, taken in turn (tree 1, tree 2, ..., then round 2), each making --images text-to-
-image images on the tiny model (default: bench_sd.py's cached export) and timing each denoising
-loop as bench_sd.py does, from its first onnxruntime run to its end, less the time inside
+image images on the tiny model (default: bench_sd.py's cached export) in bench_sd.py's worker,
+which times each denoising loop from its first onnxruntime run to its end, less the time inside
 onnxruntime's runs. A process's figure is the median over its images but the first. Each tree is
 imported from its own folder (PYTHONPATH), e.g. a `git worktree` of the code before a change.
 The table gives each process's figure, then each tree's median and its ratio to the first tree.
@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,47 +28,17 @@ HERE = Path(__file__).resolve().parent
 
 
 def worker(folder: str, images: int, steps: int) -> dict:
-    """Runs in a fresh process with the tree to measure first on sys.path."""
-    import onnxruntime as ort
+    """Runs in a fresh process with the tree to measure first on sys.path: bench_sd.py's sdport
+    text-to-image worker, whose loop timing this reports."""
+    import sdport  # before bench_sd, which puts this script's own tree first on sys.path
 
-    import sdport
-    from sdport.runtime.pipeline import Pipeline
+    from bench_sd import worker_t2i_sdport
 
-    timing = {"on": False, "inside": [], "first": None}
-
-    def timed(run):
-        def timed_run(self, *args, **kwargs):
-            t = time.perf_counter()
-            if timing["on"] and timing["first"] is None:
-                timing["first"] = t
-            try:
-                return run(self, *args, **kwargs)
-            finally:
-                if timing["on"]:
-                    timing["inside"].append(time.perf_counter() - t)
-        return timed_run
-
-    ort.InferenceSession.run = timed(ort.InferenceSession.run)
-    denoise, loops = Pipeline._denoise, []
-
-    def timed_denoise(self, *args, **kwargs):
-        timing.update(on=True, inside=[], first=None)
-        try:
-            return denoise(self, *args, **kwargs)
-        finally:
-            loop_s, evals = time.perf_counter() - timing["first"], len(timing["inside"])
-            loops.append({"overhead_s": (loop_s - sum(timing["inside"])) / evals, "step_s": loop_s / evals})
-            timing["on"] = False
-
-    Pipeline._denoise = timed_denoise
-    pipe = Pipeline.load(folder, provider="cpu")
-    for _ in range(images):
-        pipe.generate("a photograph of an astronaut riding a horse", steps=steps, guidance=7.5, width=64,
-                      height=64, seed=0, output="np", progress=False)
-    timed_loops = loops[1:] or loops
-    return {"sdport": str(Path(sdport.__file__).parents[1]),
-            "overhead_s": statistics.median(o["overhead_s"] for o in timed_loops),
-            "step_s": statistics.median(o["step_s"] for o in timed_loops)}
+    with tempfile.TemporaryDirectory() as pngs:
+        r = worker_t2i_sdport(folder, size=64, steps=steps, png=str(Path(pngs) / "image.png"), warm=images - 1,
+                              low_memory=False)
+    return {"sdport": str(Path(sdport.__file__).parents[1]), "overhead_s": r["overhead_s_per_step"],
+            "step_s": r["step_s"]}
 
 
 def spawn(tree: Path, folder: Path, images: int, steps: int) -> dict:
