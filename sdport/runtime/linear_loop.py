@@ -5,8 +5,9 @@ so is classifier-free guidance, e = u + g (t - u) of the UNet's unconditional an
 for a fixed scheduler config, step count, start and guidance, each step's new sample x_k+1 is one
 [slots] @ [slots, latents] product over the few tensors later steps still read ("slots": rows of
 one float64 array), and the next UNet input is x_k+1 * input_scale, written into the buffer the
-UNet reads (Loop.unet_input, one feed for every run: Graph.repeated). A step then costs five
-NumPy calls around the UNet's run, where a scheduler's step function and the guidance took 20-30:
+UNet reads (Loop.unet_input, one feed for every run: Graph.repeated). A step then costs six or
+seven NumPy calls around the UNet's run, each on arrays of one shape, where a scheduler's step
+function and the guidance took 20-30:
 on a small model, whose UNet runs in a millisecond or two, those calls were 2-3% of a step.
 
 The arithmetic is the plan's (docs/CONTRACT.md, "The same loop with fewer operations"): float64
@@ -206,8 +207,18 @@ class Loop:
 
     def __init__(self, plan: CompiledPlan, shape: tuple[int, ...]) -> None:
         self.plan, self.shape = plan, shape
-        self._sample = np.empty((plan.copies, *shape), dtype=np.float32)
-        self.unet_input = self._sample.reshape((plan.copies * shape[0], *shape[1:]))
+        sample = np.empty((plan.copies, *shape), dtype=np.float32)
+        self.unet_input = sample.reshape((plan.copies * shape[0], *shape[1:]))
+        # The copies guidance batches, as views of the latents' shape.
+        self._first_input, self._other_inputs = sample[0], tuple(sample[1:])
+
+    def _set_input(self, x: np.ndarray, scale: np.float32) -> None:
+        """Each copy of the UNet's input = x * scale (float32). One product and a copy per further
+        copy: a product broadcast into all copies takes NumPy's general iterator, whose code a UNet
+        run leaves out of the caches: 5 us a step against 1.8 us for these two calls."""
+        np.multiply(x, scale, out=self._first_input)
+        for copy in self._other_inputs:
+            np.copyto(copy, self._first_input)
 
     def run(self, latents: np.ndarray, unet: Callable[[int], np.ndarray], rng: NoiseSource | None,
             callback: Callable[[int, int, np.ndarray], None] | None = None) -> np.ndarray:
@@ -219,7 +230,7 @@ class Loop:
         dtype=np.float32)` is called at each draw, as `denoise` calls it. `callback(k, total,
         x_k+1)` after each evaluation. NotFinite where x_k+1 has NaN or inf.
         """
-        plan, shape, sample, unet_input = self.plan, self.shape, self._sample, self.unet_input
+        plan, shape, unet_input, set_input = self.plan, self.shape, self.unet_input, self._set_input
         if rng is None and any(step.draws for step in plan.steps):
             raise UsageError("this run draws noise: pass rng, e.g. PortableNoise(seed)")
         if latents.shape != shape:
@@ -230,7 +241,7 @@ class Loop:
             history[plan.x0_slot] = x.ravel()
         # x_in = x * input_scale in float32, as a scheduler's scale_input: in float64, as the plan's
         # hosts do, the cast into float32 took 2 us more a step (one ulp apart at most)
-        np.multiply(x, np.float32(plan.input_scale), out=sample)
+        set_input(x, np.float32(plan.input_scale))
         # Each slot's row, and the UNet output's rows from each slot, as views of the shapes stored
         # there, and x_k+1 made in one float64 buffer: after a UNet run each NumPy call here costs
         # 1-5 us, slicing and reshaping included (a tiny model's step is 1.5 ms).
@@ -269,7 +280,7 @@ class Loop:
             if step.sample_slot is not None:
                 rows[step.sample_slot][...] = x
             if step.next_input_scale is not None:
-                np.multiply(x, step.next_input_scale, out=sample)
+                set_input(x, step.next_input_scale)
             if callback is not None:
                 callback(k, total, x)
         return x
