@@ -40,7 +40,7 @@ from sdport.runtime.schedulers.sampler import NoiseSource
 MAX_SLOTS = 16
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CompiledStep:
     """One model evaluation. mix: [slots] float64, x_k+1's coefficients; next_input_scale: the next
     evaluation's (None on the last); the UNet's output goes to the `copies` slots from output_slot
@@ -231,6 +231,7 @@ class Loop:
         x_k+1)` after each evaluation. NotFinite where x_k+1 has NaN or inf.
         """
         plan, shape, unet_input, set_input = self.plan, self.shape, self.unet_input, self._set_input
+        isfinite, vdot = math.isfinite, np.vdot
         if rng is None and any(step.draws for step in plan.steps):
             raise UsageError("this run draws noise: pass rng, e.g. PortableNoise(seed)")
         if latents.shape != shape:
@@ -275,7 +276,7 @@ class Loop:
             x = made.astype(np.float32)
             # Every step folds the model's output into x_k+1, and NaN or inf survive that
             # arithmetic, so this one check covers both; the output is looked at only to say which.
-            if has_non_finite(x):
+            if not isfinite(vdot(x, x)) and has_non_finite(x):  # has_non_finite, its first test inline
                 raise NotFinite(k, not np.isfinite(out).all())
             if step.sample_slot is not None:
                 rows[step.sample_slot][...] = x
