@@ -39,6 +39,13 @@ from sdport.runtime.schedulers.sampler import NoiseSource
 # step). Anything still past this runs as step functions.
 MAX_SLOTS = 16
 
+# A BLAS runs a large product on several threads, whose workers then spin, waiting for more work:
+# NumPy's OpenBLAS (0.3.30) from about 460K elements on, ~0.1 s of a core after each product,
+# taken from the UNet's next run. So each step's product is made in blocks of columns of at most
+# this many elements, which one thread runs: one block up to 29K latent elements with 9 rows
+# (two 512 px images).
+BLOCK_ELEMENTS = 1 << 18
+
 
 @dataclass(frozen=True, slots=True)
 class CompiledStep:
@@ -251,6 +258,17 @@ class Loop:
                        for step in plan.steps if step.output_slot is not None}
         made = np.empty(shape)
         made_flat = made.reshape(-1)
+        width = max(1, BLOCK_ELEMENTS // plan.slots)
+        columns = [slice(start, start + width) for start in range(0, x.size, width)]
+        blocks = [(history[:, c], made_flat[c]) for c in columns]  # (the rows' columns, x_k+1's)
+
+        def product(mix: np.ndarray) -> np.ndarray:
+            """mix @ history, a new array."""
+            value = np.empty(x.size)
+            for c, (rows_part, _) in zip(columns, blocks):
+                np.dot(mix, rows_part, out=value[c])
+            return value
+
         total = len(plan.steps)
         for k, step in enumerate(plan.steps):
             out = unet(k)
@@ -264,15 +282,14 @@ class Loop:
                 z = rng.standard_normal(shape, dtype=np.float32)
                 if step.noise_slot is not None:
                     rows[step.noise_slot][...] = z
-            # A vector-matrix product: BLAS's matrix-matrix one packs the history first, which at
-            # SD's latents took twice as long.
-            if step.derived:  # they may overwrite rows that made reads: made first
-                kept = [(slot, np.dot(mix, history)) for mix, slot in step.derived]
-                np.dot(step.mix, history, out=made_flat)
-                for slot, value in kept:
-                    history[slot] = value
-            else:
-                np.dot(step.mix, history, out=made_flat)
+            # Vector-matrix products: BLAS's matrix-matrix one packs the history first, which at
+            # SD's latents took twice as long. Derived tensors may overwrite rows that x_k+1
+            # reads: they are made first, and stored after.
+            kept = [(slot, product(mix)) for mix, slot in step.derived] if step.derived else ()
+            for rows_part, made_part in blocks:
+                np.dot(step.mix, rows_part, out=made_part)
+            for slot, value in kept:
+                history[slot] = value
             x = made.astype(np.float32)
             # Every step folds the model's output into x_k+1, and NaN or inf survive that
             # arithmetic, so this one check covers both; the output is looked at only to say which.
