@@ -43,7 +43,7 @@ MAX_SLOTS = 16
 # NumPy's OpenBLAS (0.3.30) from about 460K elements on, ~0.1 s of a core after each product,
 # taken from the UNet's next run. So each step's product is made in blocks of columns of at most
 # this many elements, which one thread runs: one block up to 29K latent elements with 9 rows
-# (two 512 px images).
+# (an SD image at 512 px has 16K).
 BLOCK_ELEMENTS = 1 << 18
 
 
