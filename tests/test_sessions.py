@@ -634,3 +634,19 @@ def test_cpu_sessions_keep_residual_add_and_layer_norm_apart(tiny_onnx_dir, tmp_
     _, optimized = sessions.open_session(path, "cpu", True, ["CPUExecutionProvider"])
     assert optimized != path  # the pre-optimized cache's graph: what onnxruntime made of the file
     assert "LayerNormalization" in ops(optimized) and "SkipLayerNormalization" not in ops(optimized)
+
+
+def test_pipelines_load_in_threads_and_leave_stdout_alone(tiny_onnx_dir, capfd):
+    """Opening a session hides onnxruntime's provider-fallback prints by redirecting sys.stdout,
+    which is process-wide: two loads in threads once left it redirected for good, and everything
+    printed after was lost. Loads in threads now leave sys.stdout as it was, and print after them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stdout = sys.stdout
+    with ThreadPoolExecutor(4) as pool:
+        pipes = list(pool.map(lambda _: Pipeline.load(tiny_onnx_dir, provider="cpu"), range(8)))
+    assert sys.stdout is stdout
+    print("still on stdout")
+    assert "still on stdout" in capfd.readouterr().out
+    images = [pipe.generate("a fox", steps=2, seed=5, output="np", progress=False) for pipe in pipes[:2]]
+    np.testing.assert_array_equal(images[0], images[1])

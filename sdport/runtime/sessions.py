@@ -11,9 +11,10 @@ import contextlib
 import io
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable, Iterator, Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -87,13 +88,25 @@ def resolve_provider(provider: str, say: Say | None = None) -> str:
     return chosen
 
 
+# sys.stdout is one for the process: redirects that overlap in two threads restore each other's
+# redirect, and the process's output goes to a StringIO for good (two Pipeline.loads in threads
+# did). sdport's redirects take turns; another thread's prints during one still land in it.
+_STDOUT_REDIRECT = threading.Lock()
+
+
+@contextlib.contextmanager
+def _stdout_to(buffer: io.StringIO) -> Iterator[None]:
+    with _STDOUT_REDIRECT, contextlib.redirect_stdout(buffer):
+        yield
+
+
 def _preload_cuda_libraries() -> None:
     """Loads CUDA and cuDNN from pip's nvidia-* packages (`onnxruntime-gpu[cuda,cudnn]`), which the
     dynamic loader would not find by itself; libraries found on the default paths load as before."""
     preload = getattr(ort, "preload_dlls", None)  # onnxruntime-gpu 1.21+
     if preload is None:
         return
-    with contextlib.redirect_stdout(io.StringIO()):  # it print()s each library it could not load
+    with _stdout_to(io.StringIO()):  # it print()s each library it could not load
         try:
             preload()
         except Exception:  # noqa: BLE001 - a failure here shows up, clearly, at session creation
@@ -198,7 +211,7 @@ class Graph:
             chosen = (chosen, {**cuda_provider_options(), **(extra or {})})
         providers = [chosen] + (["CPUExecutionProvider"] if provider != "cpu" else [])
         printed = io.StringIO()  # onnxruntime print()s its provider fallbacks to stdout
-        with contextlib.redirect_stdout(printed):
+        with _stdout_to(printed):
             opened = open_session(path, provider, fused, providers, prepack=prepack)
         if printed.getvalue().strip():  # a fallback that worked: worth knowing, but not on stdout
             print(" ".join(printed.getvalue().replace("*", "").split()), file=sys.stderr)
