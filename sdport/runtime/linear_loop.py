@@ -7,8 +7,8 @@ for a fixed scheduler config, step count, start and guidance, each step's new sa
 one float64 array), and the next UNet input is x_k+1 * input_scale, written into the buffer the
 UNet reads (Loop.unet_input, one feed for every run: Graph.repeated). A step then costs six or
 seven NumPy calls around the UNet's run, each on arrays of one shape, where a scheduler's step
-function and the guidance took 20-30:
-on a small model, whose UNet runs in a millisecond or two, those calls were 2-3% of a step.
+function and the guidance took 20-30: on a small model, whose UNet runs in a millisecond or two,
+those calls were 2-3% of a step.
 
 The arithmetic is the plan's (docs/CONTRACT.md, "The same loop with fewer operations"): float64
 sums of float32 tensors, each sample rounded to float32 once, but in the order BLAS picks and with
@@ -238,7 +238,6 @@ class Loop:
         x_k+1)` after each evaluation. NotFinite where x_k+1 has NaN or inf.
         """
         plan, shape, unet_input, set_input = self.plan, self.shape, self.unet_input, self._set_input
-        isfinite, vdot = math.isfinite, np.vdot
         if rng is None and any(step.draws for step in plan.steps):
             raise UsageError("this run draws noise: pass rng, e.g. PortableNoise(seed)")
         if latents.shape != shape:
@@ -293,7 +292,7 @@ class Loop:
             x = made.astype(np.float32)
             # Every step folds the model's output into x_k+1, and NaN or inf survive that
             # arithmetic, so this one check covers both; the output is looked at only to say which.
-            if not isfinite(vdot(x, x)) and has_non_finite(x):  # has_non_finite, its first test inline
+            if has_non_finite(x):
                 raise NotFinite(k, not np.isfinite(out).all())
             if step.sample_slot is not None:
                 rows[step.sample_slot][...] = x
