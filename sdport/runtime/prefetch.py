@@ -36,8 +36,8 @@ reads': a cached start took 3.4-3.5 s of system CPU after WILLNEED had read its 
 after a plain read.
 
 One thread reads the files in the order they were asked for: the order the pipeline opens its
-graphs, which is the order a call runs them. Nothing happens where posix_fadvise is missing
-(Windows, macOS).
+graphs, which is the order a call runs them; within a graph, what opening its session reads
+first (graph_files.weight_ranges). Nothing happens where posix_fadvise is missing (Windows, macOS).
 """
 
 from __future__ import annotations
@@ -45,57 +45,61 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 # posix_fadvise(WILLNEED) reads at most the device's readahead limit per call (Linux caps it at
 # max(read_ahead_kb, max_sectors_kb), 128 KB or more), so a file is asked for in pieces no larger
 # than that. Measured on SD 1.5's UNet: 128 KB and 8 MB pieces take the same time and CPU.
 PIECE_BYTES = 128 << 10
 
-_files: queue.SimpleQueue[str] = queue.SimpleQueue()
+Ranges = Sequence[tuple[int, int]]  # (offset, length) in a file
+
+_parts: queue.SimpleQueue[tuple[str, Ranges | None]] = queue.SimpleQueue()
 _reader: threading.Thread | None = None
 _reader_lock = threading.Lock()
 
 
-def prefetch(files: Iterable[str | os.PathLike]) -> None:
-    """Starts reading `files` into the page cache in the background, after any asked for before."""
+def prefetch(parts: Iterable[tuple[str | os.PathLike, Ranges | None]]) -> None:
+    """Starts reading `parts` into the page cache in the background, after any asked for before:
+    (file, its (offset, length) ranges, or None for all of it)."""
     global _reader
-    paths = [os.fspath(file) for file in files]
-    if not paths or not hasattr(os, "posix_fadvise"):
+    parts = [(os.fspath(file), ranges) for file, ranges in parts]
+    if not parts or not hasattr(os, "posix_fadvise"):
         return
-    for path in paths:
-        _files.put(path)
+    for part in parts:
+        _parts.put(part)
     with _reader_lock:
         if _reader is None:
-            _reader = threading.Thread(target=_read_files, name="sdport-prefetch", daemon=True)
+            _reader = threading.Thread(target=_read_parts, name="sdport-prefetch", daemon=True)
             _reader.start()
 
 
 def _forget_reader() -> None:
     # A forked child has the parent's queue and lock, but not its thread.
-    global _files, _reader, _reader_lock
-    _files, _reader, _reader_lock = queue.SimpleQueue(), None, threading.Lock()
+    global _parts, _reader, _reader_lock
+    _parts, _reader, _reader_lock = queue.SimpleQueue(), None, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_reader)
 
 
-def _read_files() -> None:
+def _read_parts() -> None:
     while True:
-        file = _files.get()
+        file, ranges = _parts.get()
         try:
-            read_ahead(file)
+            read_ahead(file, ranges)
         except OSError:  # gone or unreadable: the session's own read reports it, if it matters
             pass
 
 
-def read_ahead(file: str) -> None:
-    """Asks the kernel to read all of `file` into the page cache; returns as the reads are queued."""
+def read_ahead(file: str, ranges: Ranges | None = None) -> None:
+    """Asks the kernel to read `ranges` of `file` (all of it: None) into the page cache; returns as
+    the reads are queued."""
     fd = os.open(file, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
-        for offset in range(0, size, PIECE_BYTES):
-            os.posix_fadvise(fd, offset, PIECE_BYTES, os.POSIX_FADV_WILLNEED)
+        for start, length in [(0, os.fstat(fd).st_size)] if ranges is None else ranges:
+            for offset in range(start, start + length, PIECE_BYTES):
+                os.posix_fadvise(fd, offset, min(PIECE_BYTES, start + length - offset), os.POSIX_FADV_WILLNEED)
     finally:
         os.close(fd)

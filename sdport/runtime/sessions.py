@@ -24,7 +24,7 @@ from sdport.runtime.device_runs import DeviceRuns
 from sdport.runtime.graph_cache import (
     CACHED_PROVIDERS, graph_cache_key, ort_cache_dir, preoptimize, preoptimized_options,
 )
-from sdport.runtime.graph_files import weight_files
+from sdport.runtime.graph_files import weight_files, weight_ranges
 from sdport.runtime.options import cuda_provider_options, session_options
 from sdport.runtime.prefetch import prefetch
 from sdport.runtime.resident import release_mapped_pages, trim_heap
@@ -301,10 +301,10 @@ class Graph:
 
 
 def _read_ahead_weights(graph_file: Path, provider: str) -> None:
-    """Starts reading the weight files a CPU session of `graph_file` maps into the page cache
-    (prefetch.py), to be read as the session opens; a GPU session copies them to the device."""
+    """Starts reading what a CPU session of `graph_file` reads of its weight files into the page
+    cache (prefetch.py), to be read as the session opens; a GPU session copies them to the device."""
     if provider == "cpu":
-        prefetch(sorted(weight_files(graph_file)))
+        prefetch(weight_ranges(graph_file))
 
 
 def open_session(
