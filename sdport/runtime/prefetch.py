@@ -33,7 +33,13 @@ WILLNEED, but the next process found the pages gone from the cache. Measured aga
 three rounds and in 15.3-16.2 s in the next (WILLNEED 12.5-13.2 s throughout); plain reads, the
 opening's ranges first or not, in 13.3-14.4 s. The 4 KB pages cost the kernel's time, not the
 reads': a cached start took 3.4-3.5 s of system CPU after WILLNEED had read its files, 1.0-1.1 s
-after a plain read.
+after a plain read. (sendfile to /dev/null may not wait for the pages: a process mapping the file
+right after four sendfile slices of it took 6.4 s to touch each page, against 0.03 s after
+MADV_POPULATE_READ.) MADV_POPULATE_READ again, without MADV_HUGEPAGE, four threads on a quarter
+each of the 4.5 GB UNet entry: 1.3-1.4 s alone (WILLNEED 1.5-1.9 s), the pages cached as 2 MB
+folios that later processes mapped whole (0 major faults). In the one-step image from disk it lost:
+the pipeline loaded in 2.9-4.9 s against 2.4-2.9 s with WILLNEED, the first UNet run took 4.3-5.4
+s against 3.7-4.0 s (four threads by slices of the weight ranges: 4.3 s and 5.3 s), 2026-11-29.
 
 One thread reads the files in the order they were asked for: the order the pipeline opens its
 graphs, which is the order a call runs them; within a graph, what opening its session reads
