@@ -4,8 +4,8 @@ A model folder is untrusted input: a graph's external-data `location` could name
 machine (an absolute path, `../`, a symlink out). check_graph_files refuses those before
 onnxruntime opens anything. The locations come from a minimal protobuf wire-format walk (onnx is
 not a runtime dependency): only the messages that can hold a TensorProto are entered; tensor
-payloads are skipped by length, never read: the walk maps the file for random access, so that
-starting from disk it reads the pages of the tensors' headers, not a readahead window around each
+payloads are skipped by length, never read: the walk maps a large file for random access, so
+that starting from disk it reads the pages of the tensors' headers, not a readahead window around each
 (SD 1.5's inline-weight text encoder and VAEs, 0.83 GB, were 0.63 GB read from disk at each load
 and 0.35-0.85 s of a 3.7-3.9 s load from disk, only to find that they have no external data;
 their cache entries are what the sessions open).
