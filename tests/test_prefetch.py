@@ -34,7 +34,7 @@ def test_read_ahead_asks_for_every_byte_in_pieces_the_kernel_reads_whole(tmp_pat
     asked = _fadvise_calls(monkeypatch)
     file = tmp_path / "model.onnx_data"
     file.write_bytes(bytes(3 * prefetch.PIECE_BYTES + 5))
-    prefetch.read_ahead(str(file))
+    prefetch.read_ahead(str(file), [(0, file.stat().st_size)])
     assert {advice for _, _, advice in asked} == {WILLNEED}
     assert all(length <= 128 << 10 for _, length, _ in asked)
     assert [offset for offset, _, _ in asked] == [sum(n for _, n, _ in asked[:i]) for i in range(len(asked))]
@@ -72,10 +72,10 @@ def test_files_are_read_in_the_order_asked_in_one_background_thread_past_a_missi
 
     monkeypatch.setattr(os, "posix_fadvise", lambda *args: None, raising=False)
     monkeypatch.setattr(prefetch, "read_ahead", read_ahead)
-    prefetch.prefetch([(missing, None), (first, [(0, 8)])])
-    prefetch.prefetch([(second, None), (first, [(8, 8)])])
+    prefetch.prefetch([(missing, [(0, 8)]), (first, [(0, 8)])])
+    prefetch.prefetch([(second, [(0, 8)]), (first, [(8, 8)])])
     assert done.wait(10)
-    assert read == [(missing, None), (first, [(0, 8)]), (second, None), (first, [(8, 8)])]
+    assert read == [(missing, [(0, 8)]), (first, [(0, 8)]), (second, [(0, 8)]), (first, [(8, 8)])]
     assert len(threads) == 1 and threading.current_thread() not in threads
 
 

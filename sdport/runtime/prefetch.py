@@ -60,14 +60,14 @@ PIECE_BYTES = 128 << 10
 
 Ranges = Sequence[tuple[int, int]]  # (offset, length) in a file
 
-_parts: queue.SimpleQueue[tuple[str, Ranges | None]] = queue.SimpleQueue()
+_parts: queue.SimpleQueue[tuple[str, Ranges]] = queue.SimpleQueue()
 _reader: threading.Thread | None = None
 _reader_lock = threading.Lock()
 
 
-def prefetch(parts: Iterable[tuple[str | os.PathLike, Ranges | None]]) -> None:
+def prefetch(parts: Iterable[tuple[str | os.PathLike, Ranges]]) -> None:
     """Starts reading `parts` into the page cache in the background, after any asked for before:
-    (file, its (offset, length) ranges, or None for all of it)."""
+    (file, its (offset, length) ranges)."""
     global _reader
     parts = [(os.fspath(file), ranges) for file, ranges in parts]
     if not parts or not hasattr(os, "posix_fadvise"):
@@ -99,12 +99,12 @@ def _read_parts() -> None:
             pass
 
 
-def read_ahead(file: str, ranges: Ranges | None = None) -> None:
-    """Asks the kernel to read `ranges` of `file` (all of it: None) into the page cache; returns as
-    the reads are queued."""
+def read_ahead(file: str, ranges: Ranges) -> None:
+    """Asks the kernel to read `ranges` of `file` into the page cache; returns as the reads are
+    queued."""
     fd = os.open(file, os.O_RDONLY)
     try:
-        for start, length in [(0, os.fstat(fd).st_size)] if ranges is None else ranges:
+        for start, length in ranges:
             for offset in range(start, start + length, PIECE_BYTES):
                 os.posix_fadvise(fd, offset, min(PIECE_BYTES, start + length - offset), os.POSIX_FADV_WILLNEED)
     finally:
