@@ -30,6 +30,9 @@ is shared and noisy, so compare ratios, not absolute times across runs.
   reference     PyTorch's step (each size) and diffusers' cold image once more with glibc keeping
                 freed memory (MALLOC_KEEPS_FREED): how much of the reference's time is its tensors
                 page-faulted in again
+  capped        one more cold image per side, files read from disk, under a memory cap (a cgroup
+                limit, --memory-cap x diffusers' peak RSS; benchmarks/memory_cap.py): sdport by
+                default and in low_memory mode, and whether each completes or is killed
   int8 error    the int8 folder's image against the fp32 folder's, same seed
   fresh memory  what a process's first writes to 1 GB cost on this machine, after a pause and just
                 after another process freed memory: on a VM whose host takes back free memory, the
@@ -338,7 +341,7 @@ def warm_images(make: Callable[[], float], count: int) -> dict:
 def spawn(worker: str, lock: str | None, env: dict | None = None, script: str = __file__, **kwargs) -> dict:
     """Runs one worker of `script` in a fresh Python; adds wall_s and started_at (the worker adds
     its peak RSS)."""
-    command = [sys.executable, str(Path(script).resolve()), "--worker", worker, "--args", json.dumps(kwargs)]
+    command = worker_command(worker, script, **kwargs)
     with _lock(lock):
         started = time.time()
         process = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
@@ -348,6 +351,11 @@ def spawn(worker: str, lock: str | None, env: dict | None = None, script: str = 
     result = json.loads(process.stdout.strip().splitlines()[-1])
     result.update(wall_s=wall, started_at=started)
     return result
+
+
+def worker_command(worker: str, script: str = __file__, **kwargs) -> list[str]:
+    """The command line that runs one worker of `script` in a fresh Python."""
+    return [sys.executable, str(Path(script).resolve()), "--worker", worker, "--args", json.dumps(kwargs)]
 
 
 def peak_rss_mb() -> float:
@@ -589,6 +597,19 @@ def bench(args) -> dict:
         uncached_rounds(t2i, {"diffusers": diffusers_dir, **folders}, image, args.uncached_runs)
     result["t2i"] = t2i
     say("text-to-image: " + ", ".join(f"{k} cold {v['cold_s']:.1f} s" for k, v in t2i.items()))
+    if args.memory_cap:
+        common = {"size": args.image_size, "steps": args.steps, "warm": 0}
+        sides = {"diffusers": (diffusers_dir, worker_command("t2i_diffusers", model=str(diffusers_dir),
+                                                             png=str(out_dir / "diffusers-capped.png"), **common))}
+        for name, folder, low_memory in [("fp32", onnx, False), ("fp32_low_memory", onnx, True),
+                                         *([("int8_low_memory", int8, True)] if int8 else [])]:
+            sides[name] = (folder, worker_command("t2i_sdport", folder=str(folder), low_memory=low_memory,
+                                                  png=str(out_dir / f"sdport-{name}-capped.png"), **common))
+        result["capped"] = []
+        for fraction in args.memory_cap:
+            result["capped"].append(capped_images(fraction, t2i["diffusers"]["peak_rss_mb"], sides, lock))
+            say(f"under a memory cap of {fraction}x: " + json.dumps(
+                {k: v.get("cold_s", v["returncode"]) for k, v in result["capped"][-1].get("sides", {}).items()}))
 
     # 3. int8 image error against fp32, same seed and noise ([0, 1] pixels).
     if int8:
@@ -702,6 +723,33 @@ def rounds_into(t2i: dict, runs: dict[str, list[dict]], kind: str) -> None:
                                                                   t2i["diffusers"][f"{kind}_runs_s"])]
 
 
+def capped_images(fraction: float, reference_mb: float, sides: dict[str, tuple[Path, list[str]]],
+                  lock: str | None) -> dict:
+    """One cold image per side (name -> (its model folder, its worker's command)) under a memory
+    cap of `fraction` x reference_mb (diffusers' peak RSS), each started with its files out of the
+    page cache, so that the cap binds on them too (see memory_cap): {"fraction", "limit_mb",
+    "sides": {name: memory_cap.run_capped's result, with the worker's (cold_s, ...) where it
+    completed}}, or {"unavailable": why} where no memory cgroup can be made."""
+    from memory_cap import run_capped, unavailable
+
+    why = unavailable()
+    if why:
+        return {"unavailable": why}
+    limit = int(fraction * reference_mb)
+    runs = {}
+    for name, (folder, command) in sides.items():
+        drop_from_page_cache(folder)
+        time.sleep(UNCACHED_PAUSE_S)
+        with _lock(lock):
+            started = time.time()
+            r = run_capped(command, limit)
+        stdout = r.pop("stdout")
+        if r["completed"]:
+            r.update(add_start_times({**json.loads(stdout.strip().splitlines()[-1]), "started_at": started}))
+        runs[name] = r
+    return {"fraction": fraction, "limit_mb": limit, "sides": runs}
+
+
 def model_files(folder: Path) -> list[Path]:
     """The files of `folder` and of the session-cache entries made from it: what a run on it reads."""
     from sdport.runtime.graph_cache import cache_entry_source, ort_cache_dir
@@ -780,6 +828,32 @@ def first_touch_line(info: dict) -> list[str]:
     return [f"Fresh memory: a process's first writes to {touch['mb']} MB took {touch['after_pause_s']:.2f} s "
             f"after {UNCACHED_PAUSE_S} s with no memory freed, {touch['just_freed_s']:.2f} s right after "
             f"another process freed as much."]
+
+
+def capped_lines(capped: dict) -> list[str]:
+    """The table's rows for the images under one memory cap (capped_images)."""
+    if "sides" not in capped:
+        return [f"| under a memory cap | not measured: {capped['unavailable']} | | | | | |"]
+    runs = capped["sides"]
+
+    def outcome(name: str) -> str:
+        run = runs.get(name)
+        if run is None:
+            return "-"
+        if run["completed"]:
+            return f"{run['cold_s']:.1f}"
+        how = "killed (out of memory)" if run["killed_by_oom"] else f"failed (exit status {run['returncode']})"
+        return f"{how} after {run['wall_s']:.0f} s"
+
+    def ratio(name: str) -> str:
+        both = name in runs and runs[name]["completed"] and runs["diffusers"]["completed"]
+        return f"{runs[name]['cold_s'] / runs['diffusers']['cold_s']:.2f}x" if both else "-"
+
+    label = (f"under a memory cap of {capped['limit_mb']} MB ({capped['fraction']:.2f}x diffusers' peak RSS), "
+             f"files read from disk: process start to PNG (s)")
+    return [f"| {label} | {outcome('diffusers')} | {outcome('fp32')} | {ratio('fp32')} | | | |",
+            f"|   same, sdport in low_memory mode (s) | {outcome('diffusers')} | {outcome('fp32_low_memory')} | "
+            f"{ratio('fp32_low_memory')} | {outcome('int8_low_memory')} | {ratio('int8_low_memory')} | |"]
 
 
 def table(r: dict) -> str:
@@ -864,6 +938,8 @@ def table(r: dict) -> str:
             t["fp32"].get("peak_anon_mb"), get(t, "int8", "peak_anon_mb"), "{:.0f}", "")
     row("  low_memory (one component at a time) (MB)", t["diffusers"]["peak_rss_mb"],
         t["fp32_low_memory"]["peak_rss_mb"], get(t, "int8_low_memory", "peak_rss_mb"), "{:.0f}", "well below 0.8x")
+    for capped in r.get("capped", []):
+        lines.extend(capped_lines(capped))
     def share(name: str) -> str:
         o = t.get(name, {})
         if "overhead_share" not in o:  # JSON of earlier runs has none for diffusers
@@ -909,6 +985,14 @@ def _count(text: str) -> int:
     return value
 
 
+def _shares(text: str) -> list[float]:
+    """"0.25,0.5" -> [0.25, 0.5]: shares in (0, 1]."""
+    shares = [float(part) for part in text.split(",") if part.strip()]
+    if not all(0 < share <= 1 for share in shares):
+        raise argparse.ArgumentTypeError(f"{text!r}: shares must lie in (0, 1]")
+    return shares
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
@@ -930,6 +1014,10 @@ def main() -> None:
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 folder")
     parser.add_argument("--skip-install", action="store_true", help="skip the install-size measurement")
     parser.add_argument("--lock", default="/tmp/sd15.lock", help="flock file taken per sd15 measurement")
+    parser.add_argument("--memory-cap", type=_shares, default="0.25",
+                        help="one more cold image per side (sdport also in low_memory mode), files read from disk, "
+                             "under a memory cgroup capped at this share of diffusers' peak RSS (comma-separated: "
+                             "one image per side under each); empty skips it")
     add_worker_arguments(parser)
     args = parser.parse_args()
     if run_worker(WORKERS, args):
