@@ -30,8 +30,9 @@ class MemoryCgroup:
     one command; removed by close()."""
 
     def __init__(self, limit_mb: int) -> None:
-        self.v2 = _v2_parent() is not None and _v1_parent() is None
-        parent = _v2_parent() if self.v2 else _v1_parent()
+        v1 = _v1_parent()  # where both are mounted (hybrid), v1 holds the memory controller
+        parent = v1 or _v2_parent()
+        self.v2 = v1 is None
         if parent is None:
             raise OSError("no memory cgroup controller mounted")
         self.path = parent / f"sdport-bench-{os.getpid()}-{time.monotonic_ns()}"
