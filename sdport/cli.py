@@ -199,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--strength", type=float, default=None,
                           help="image-to-image: how much of the input is noised away, 0-1 (default: 0.8)")
     generate.add_argument("--provider", default="auto", help="auto, cpu, cuda or dml")
-    generate.add_argument("--low-memory", action="store_true", help="load one component at a time")
+    generate.add_argument("--low-memory", action="store_true",
+                          help="hold one component's session at a time, opened when needed and freed after "
+                               "(less GPU memory; on CPU the default already lets go of each component's weights)")
     generate.add_argument("-o", "--out", default="sdport.png", help="output PNG (numbered for several)")
     generate.add_argument("--overwrite", action="store_true", help="replace existing output files")
     generate.set_defaults(run=cmd_generate)
