@@ -741,11 +741,10 @@ def capped_images(fraction: float, reference_mb: float, sides: dict[str, tuple[P
         drop_from_page_cache(folder)
         time.sleep(UNCACHED_PAUSE_S)
         with _lock(lock):
-            started = time.time()
             r = run_capped(command, limit)
         stdout = r.pop("stdout")
         if r["completed"]:
-            r.update(add_start_times({**json.loads(stdout.strip().splitlines()[-1]), "started_at": started}))
+            r.update(add_start_times({**json.loads(stdout.strip().splitlines()[-1]), "started_at": r["started_at"]}))
         runs[name] = r
     return {"fraction": fraction, "limit_mb": limit, "sides": runs}
 

@@ -129,7 +129,8 @@ def unavailable() -> str | None:
 
 def run_capped(command: list[str], limit_mb: int, env: dict[str, str] | None = None) -> dict:
     """Runs `command` under a cap of `limit_mb`: completed (exit status 0), killed_by_oom,
-    returncode, wall_s, cgroup_peak_mb, and its stdout (for the worker's result)."""
+    returncode, started_at (time.time()), wall_s, cgroup_peak_mb, and its stdout (for the
+    worker's result)."""
     group = MemoryCgroup(limit_mb)
     try:
         started = time.time()
@@ -138,7 +139,7 @@ def run_capped(command: list[str], limit_mb: int, env: dict[str, str] | None = N
         wall = time.time() - started
         kills = group.oom_kills()
         return {"limit_mb": limit_mb, "completed": process.returncode == 0, "returncode": process.returncode,
-                "killed_by_oom": bool(kills), "wall_s": wall, "cgroup_peak_mb": group.peak_mb(),
+                "killed_by_oom": bool(kills), "started_at": started, "wall_s": wall, "cgroup_peak_mb": group.peak_mb(),
                 "stdout": process.stdout, "stderr_tail": process.stderr[-2000:]}
     finally:
         group.close()
