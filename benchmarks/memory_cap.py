@@ -10,8 +10,9 @@ kernel's OOM killer, rc 137) when what it wrote alone does not fit.
 The kernel charges a page-cache page to the cgroup of the process that first read it, so a cap
 binds on a model's files only when the capped process reads them from disk: callers drop them
 from the page cache first. The libraries both sides load (PyTorch's ~1 GB of them, onnxruntime's
-~50 MB) stay cached and charged elsewhere, which leaves them out of the cap. Needs root (or a delegated cgroup) and the memory controller, v1
-(/sys/fs/cgroup/memory) or v2; `unavailable()` says why not otherwise.
+~50 MB) stay cached and charged elsewhere, which leaves them out of the cap. Needs root (or a
+delegated cgroup) and the memory controller, v1 (/sys/fs/cgroup/memory) or v2; `unavailable()`
+says why not otherwise.
 """
 
 from __future__ import annotations
@@ -127,15 +128,14 @@ def unavailable() -> str | None:
     return None
 
 
-def run_capped(command: list[str], limit_mb: int, env: dict[str, str] | None = None) -> dict:
+def run_capped(command: list[str], limit_mb: int) -> dict:
     """Runs `command` under a cap of `limit_mb`: completed (exit status 0), killed_by_oom,
     returncode, started_at (time.time()), wall_s, cgroup_peak_mb, and its stdout (for the
     worker's result)."""
     group = MemoryCgroup(limit_mb)
     try:
         started = time.time()
-        process = subprocess.run(group.command(command), capture_output=True, text=True,
-                                 env={**os.environ, **(env or {})})
+        process = subprocess.run(group.command(command), capture_output=True, text=True)
         wall = time.time() - started
         kills = group.oom_kills()
         return {"limit_mb": limit_mb, "completed": process.returncode == 0, "returncode": process.returncode,
